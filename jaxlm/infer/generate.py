@@ -1,0 +1,202 @@
+"""Batched sampling with a preallocated KV cache.
+
+Prompts of different lengths are left-padded (padding is segment 0, never attended; positions count
+real tokens only), so every row writes the same cache slot at each step. There is one jitted prefill
+and one jitted decode loop (a `lax.while_loop` over the decode step, stopping early when every row
+has hit a stop token); `Generator.step` exposes the single decode step for streaming.
+
+LongRoPE: a call uses the long factors once its longest position passes
+`original_max_position_embeddings`. When decoding crosses that point, the keys already cached were
+rotated with the short factors, so the whole cache is recomputed once with the long ones (the same
+thing transformers' Phi-3 does), and decoding continues from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.model import Decoder, ModelConfig, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 means greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set whose probability reaches top_p; 1 = off
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def sample_logits(logits, rng, sampling: Sampling):
+    """logits [B, V] (float32) -> token ids [B]."""
+    if sampling.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    if sampling.top_k or sampling.top_p < 1.0:
+        k = sampling.top_k or logits.shape[-1]
+        vals, idx = jax.lax.top_k(logits, min(k, logits.shape[-1]))  # sorted, descending
+        if sampling.top_p < 1.0:
+            probs = jax.nn.softmax(vals, axis=-1)
+            before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+            vals = jnp.where(before < sampling.top_p, vals, -jnp.inf)  # the first token always stays
+        choice = jax.random.categorical(rng, vals, axis=-1)
+        return jnp.take_along_axis(idx, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+@dataclasses.dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt, the stop token included when one was hit
+    finished: list[bool]  # True when the row stopped on a stop token
+    prefill_seconds: float
+    decode_seconds: float
+    prompt_tokens: int
+    generated_tokens: int
+
+
+def _bucket(n: int, minimum: int = 16) -> int:
+    """Round prompt lengths up to a power of two so new lengths rarely trigger a recompile."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return b
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int):
+    b = len(prompts)
+    tokens = np.full((b, length), pad_id, np.int32)
+    seg = np.zeros((b, length), np.int32)
+    for i, p in enumerate(prompts):
+        if len(p):
+            tokens[i, length - len(p):] = p
+            seg[i, length - len(p):] = 1
+    pos = np.maximum(np.cumsum(seg, axis=1) - 1, 0).astype(np.int32)
+    return tokens, seg, pos
+
+
+class Generator:
+    """Jitted prefill and decode for one model config and one sampling setting."""
+
+    def __init__(self, config: ModelConfig, sampling: Sampling = Sampling(), cache_dtype=None):
+        self.config, self.sampling, self.cache_dtype = config, sampling, cache_dtype
+        self.model = Decoder(config)
+        self._prefill = jax.jit(self._prefill_impl)
+        self._step = jax.jit(self._step_impl)
+        self._loop = jax.jit(self._loop_impl, static_argnames=("max_new_tokens",))
+
+    # -- pure pieces -------------------------------------------------------------------------
+    def _prefill_impl(self, params, tokens, seg, pos, cache):
+        logits, cache = self.model.apply({"params": params}, tokens, pos, seg, cache=cache)
+        return logits[:, -1], cache
+
+    def _step_impl(self, params, cache, tokens, positions):
+        """One decode step: tokens [B] at positions [B] -> (logits [B, V], cache)."""
+        seg = jnp.ones((tokens.shape[0], 1), jnp.int32)
+        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions[:, None], seg, cache=cache)
+        return logits[:, 0], cache
+
+    def _refill(self, params, cache, history, token, slot):
+        """Recompute the whole cache (LongRoPE short -> long switch) with `token` placed at `slot`."""
+        b = token.shape[0]
+        history = jax.lax.dynamic_update_slice(history, token[:, None], (0, slot))
+        seg = jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, 1), jnp.int32), (0, slot))
+        pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0) * seg
+        fresh = jax.tree.map(jnp.zeros_like, cache)
+        hidden, new = self.model.apply({"params": params}, history, pos, seg, cache=fresh, return_hidden=True)
+        h = jax.lax.dynamic_slice_in_dim(hidden, slot, 1, axis=1)[:, 0]
+        logits = self.model.apply({"params": params}, h, method=Decoder.logits)
+        return logits, dict(new, index=slot + 1)
+
+    def _loop_impl(self, params, cache, logits, positions, rng, stop_ids, pad_id, history, *, max_new_tokens):
+        b = logits.shape[0]
+        c = self.config
+        may_switch = c.rope_scaling == "longrope" and history.shape[1] > c.original_max_position_embeddings
+
+        def cond(s):
+            return (s["i"] < max_new_tokens) & ~jnp.all(s["done"])
+
+        def body(s):
+            rng, sub = jax.random.split(s["rng"])
+            tok = sample_logits(s["logits"], sub, self.sampling)
+            tok = jnp.where(s["done"], pad_id, tok)
+            out = s["out"].at[:, s["i"]].set(tok)
+            done = s["done"] | jnp.isin(tok, stop_ids)
+            slot = s["cache"]["index"]
+            if may_switch:
+                logits, cache = jax.lax.cond(
+                    jnp.max(s["pos"]) == c.original_max_position_embeddings,
+                    lambda: self._refill(params, s["cache"], s["hist"], tok, slot),
+                    lambda: self._step_impl(params, s["cache"], tok, s["pos"]))
+            else:
+                logits, cache = self._step_impl(params, s["cache"], tok, s["pos"])
+            hist = jax.lax.dynamic_update_slice(s["hist"], tok[:, None], (0, slot))
+            return dict(i=s["i"] + 1, cache=cache, logits=logits, pos=s["pos"] + 1, rng=rng, done=done, out=out,
+                        hist=hist)
+
+        state = dict(i=jnp.zeros((), jnp.int32), cache=cache, logits=logits, pos=positions, rng=rng,
+                     done=jnp.zeros((b,), bool), out=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
+                     hist=history)
+        state = jax.lax.while_loop(cond, body, state)
+        return state["out"], state["done"], state["i"]
+
+    # -- the impure driver --------------------------------------------------------------------
+    def new_cache(self, batch: int, max_len: int):
+        return init_cache(self.config, batch, max_len, self.cache_dtype)
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 stop_tokens: Sequence[int] = (), seed: int = 0, pad_id: int | None = None) -> Generation:
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        pad = self.config.pad_token_id if pad_id is None else pad_id
+        p_len = _bucket(max(len(p) for p in prompts))
+        tokens, seg, pos = left_pad(prompts, p_len, pad)
+        cache = self.new_cache(len(prompts), p_len + max_new_tokens)
+        t0 = time.perf_counter()
+        logits, cache = self._prefill(params, tokens, seg, pos, cache)
+        logits.block_until_ready()
+        t1 = time.perf_counter()
+        next_pos = jnp.asarray(seg.sum(axis=1), jnp.int32)
+        stops = jnp.asarray(list(stop_tokens) or [-1], jnp.int32)
+        history = np.concatenate([tokens, np.full((len(prompts), max_new_tokens), pad, np.int32)], axis=1)
+        out, done, steps = self._loop(params, cache, logits, next_pos, jax.random.key(seed), stops,
+                                      jnp.int32(pad), history, max_new_tokens=max_new_tokens)
+        out, done = np.asarray(out), np.asarray(done)
+        t2 = time.perf_counter()
+        stop_set = set(int(s) for s in stop_tokens)
+        rows = []
+        for r in out[:, : int(steps)]:
+            row = []
+            for t in r.tolist():
+                row.append(t)
+                if t in stop_set:
+                    break
+            rows.append(row)
+        return Generation(tokens=rows, finished=done.tolist(), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
+                          prompt_tokens=int(seg.sum()), generated_tokens=sum(len(r) for r in rows))
+
+
+@functools.lru_cache(maxsize=8)
+def _generator(config: ModelConfig, sampling: Sampling) -> Generator:
+    return Generator(config, sampling)
+
+
+def generate(config: ModelConfig, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0) -> Generation:
+    """Sample continuations of token-id prompts. Reuses compiled functions across calls."""
+    gen = _generator(config, Sampling(temperature, top_k, top_p))
+    return gen.generate(params, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, seed=seed)

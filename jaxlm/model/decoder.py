@@ -1,0 +1,146 @@
+"""The decoder: embed -> N x Block (nn.scan, optional nn.remat) -> RMSNorm -> head (tied or not)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.model.attention import Attention, dtype_of, kernel_param
+from jaxlm.model.config import ModelConfig
+from jaxlm.model.rope import rope_tables
+
+REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+}
+
+
+class RMSNorm(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
+        scale = self.param("scale", init, (x.shape[-1],), dtype_of(c.param_dtype))
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.rms_norm_eps)
+        return (scale.astype(jnp.float32) * y).astype(dtype_of(c.dtype))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused in one kernel or split in two."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        dt = dtype_of(c.dtype)
+        d, m = c.hidden_size, c.intermediate_size
+        if c.fused_mlp:
+            wi = kernel_param(self, "wi", (d, 2, m), ("embed", None, "mlp"), c)
+            h = jnp.einsum("btd,dkm->btkm", x, wi.astype(dt))
+            gate, up = h[:, :, 0], h[:, :, 1]
+        else:
+            wg = kernel_param(self, "wi_gate", (d, m), ("embed", "mlp"), c)
+            wu = kernel_param(self, "wi_up", (d, m), ("embed", "mlp"), c)
+            gate = jnp.einsum("btd,dm->btm", x, wg.astype(dt))
+            up = jnp.einsum("btd,dm->btm", x, wu.astype(dt))
+        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+        wo = kernel_param(self, "wo", (m, d), ("mlp", "embed"), c)
+        return nn.with_logical_constraint(jnp.einsum("btm,md->btd", h, wo.astype(dt)), ("batch", "length", "embed"))
+
+
+class Block(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, layer_cache):
+        a, new_cache = Attention(self.config, name="attn")(RMSNorm(self.config, name="attn_norm")(x), ctx, layer_cache)
+        x = x + a
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+
+
+def positions_from_segments(segment_ids):
+    """Position of each token within its run of equal segment ids (restarts at every boundary)."""
+    t = jnp.arange(segment_ids.shape[1])[None, :]
+    start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(start, t, 0), axis=1)
+    return t - first
+
+
+class Decoder(nn.Module):
+    """Phi-3 / Phi-4-mini decoder.
+
+    __call__(tokens [B, T], positions=None, segment_ids=None, cache=None, return_hidden=False)
+      -> logits [B, T, V] float32 (or final hidden states), plus the updated cache when one is given.
+    segment_ids: tokens attend only within their segment; 0 marks padding. Default positions restart
+    at every segment boundary (so a packed row equals its documents run alone).
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        c = self.config
+        init = nn.with_logical_partitioning(nn.initializers.normal(c.init_std), ("vocab", "embed"))
+        self.embedding = self.param("embedding", init, (c.vocab_size, c.hidden_size), dtype_of(c.param_dtype))
+        block = Block
+        if c.remat_policy != "none":
+            block = nn.remat(Block, prevent_cse=False, policy=REMAT[c.remat_policy])
+        self.layers = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(nn.broadcast, 0),
+            length=c.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(c, name="layers")
+        self.final_norm = RMSNorm(c, name="final_norm")
+        if not c.tie_embeddings:
+            self.lm_head = kernel_param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
+
+    def embed(self, tokens):
+        x = jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    def logits(self, hidden):
+        """Final hidden states [..., d] -> float32 logits [..., V]."""
+        dt = dtype_of(self.config.dtype)
+        w = self.embedding.T if self.config.tie_embeddings else self.lm_head
+        out = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
+        return nn.with_logical_constraint(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
+        b, t = tokens.shape
+        if positions is None:
+            if segment_ids is not None:
+                positions = positions_from_segments(segment_ids)
+            else:
+                start = 0 if cache is None else cache["index"]
+                positions = jnp.broadcast_to(start + jnp.arange(t)[None], (b, t))
+        cos, sin = rope_tables(self.config, positions)
+        ctx = {"cos": cos, "sin": sin, "q_seg": segment_ids}
+        layer_caches = None
+        if cache is None:
+            ctx["q_idx"] = jnp.arange(t)
+        else:
+            idx = cache["index"]
+            q_seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
+            k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, idx))
+            ctx.update(q_idx=idx + jnp.arange(t), q_seg=q_seg, k_seg=k_seg, index=idx)
+            layer_caches = {"k": cache["k"], "v": cache["v"]}
+
+        x = self.embed(tokens)
+        x, new_layer_caches = self.layers(x, ctx, layer_caches)
+        h = self.final_norm(x)
+        out = h if return_hidden else self.logits(h)
+        if cache is None:
+            return out
+        new_cache = dict(new_layer_caches, segment_ids=ctx["k_seg"], index=cache["index"] + t)
+        return out, new_cache
