@@ -22,10 +22,82 @@ import ml_collections
 from jaxlm.model.config import ConfigError, ModelConfig
 from jaxlm.model.config import help_texts as model_help
 
+# logical axis -> mesh axis (or axes); for each array dimension the first rule whose mesh axes are
+# still unused in that array wins, so activations' 'embed' stays replicated when 'batch' took fsdp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
 # section -> field -> (default, help). The model section comes from ModelConfig.
 SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
     "data": {
-        "tokenizer": ("", "tokenizer: a tokenizer.json, a .tiktoken file, or PRESET:path (phi4, o200k_base, gpt2)"),
+        "tokenizer": ("", "tokenizer: a tokenizer.json, a .tiktoken file, PRESET:path (phi4, o200k_base, gpt2), asset:NAME"),
+        "train": ("", "training sources: 'PATH[@WEIGHT], ...'; PATH may be a glob, .jsonl[.gz], .parquet, "
+                      "arrayrecord:PATH, tfds:NAME[/CONFIG]:SPLIT, asset:NAME"),
+        "eval": ("", "held-out sources (same syntax); '' for none"),
+        "text_field": ("text", "record field holding plain text"),
+        "messages_field": ("messages", "record field holding chat messages (Phi template, assistant-only loss)"),
+        "group_field": ("", "record field to report eval perplexity by (for example 'family')"),
+        "seq_len": (256, "tokens per packed row"),
+        "long_records": ("split", "records longer than seq_len: split | truncate"),
+        "add_eos": (True, "append <|endoftext|> to every document"),
+        "packing_bins": (8, "open rows the first-fit packer fills before emitting"),
+        "num_shards": (0, "independent input streams; 0 = one per process. Fix it to make batches "
+                          "independent of the process count"),
+        "max_bad_fraction": (0.01, "stop when more than this fraction of a source's records is bad"),
+        "prefetch": (2, "batches prefetched by a background thread (bounded); 0 = off"),
+        "num_workers": (0, "grain worker processes for tokenizing and packing; 0 = in the main process"),
+    },
+    "train": {
+        "steps": (1000, "optimizer steps"),
+        "batch_size": (8, "global batch size in rows of seq_len tokens"),
+        "grad_accum": (1, "micro-batches per step (the batch is split, gradients summed)"),
+        "lr": (3e-4, "peak learning rate"),
+        "schedule": ("cosine", "after warmup: cosine | linear | constant"),
+        "warmup_steps": (100, "linear warmup from 0"),
+        "min_lr_ratio": (0.1, "final learning rate as a fraction of lr (cosine, linear)"),
+        "weight_decay": (0.1, "AdamW decoupled weight decay (not applied to norms)"),
+        "b1": (0.9, "Adam beta1"),
+        "b2": (0.95, "Adam beta2"),
+        "eps": (1e-8, "Adam epsilon"),
+        "clip_norm": (1.0, "global gradient-norm clip; 0 = off"),
+        "trainable": ("", "regex over parameter paths ('layers/attn/q'); only matches train. '' = all"),
+        "loss_chunk": (256, "sequence chunk of the memory-lean log-softmax (tokens); 0 = whole sequence"),
+        "seed": (0, "seed of initialisation, shuffling and sampling"),
+        "eval_every": (200, "evaluate every N steps (and at the end); 0 = only at the end"),
+        "eval_batches": (20, "held-out batches per evaluation; 0 = the whole eval set"),
+    },
+    "parallel": {
+        "data": (-1, "data-parallel mesh axis size; -1 = the remaining devices"),
+        "fsdp": (1, "fully-sharded (ZeRO-3) mesh axis size; -1 = the remaining devices"),
+        "tensor": (1, "tensor-parallel mesh axis size"),
+        "rules": (DEFAULT_RULES, "logical axis -> mesh axes table (first unused match wins)"),
+        "coordinator_address": ("", "jax.distributed coordinator host:port ('' = auto-detect or single process)"),
+        "num_processes": (0, "processes in the job (0 = auto-detect)"),
+        "process_id": (-1, "this process's index (-1 = auto-detect)"),
+    },
+    "checkpoint": {
+        "dir": ("", "checkpoint directory ('' = LOG_DIR/checkpoints)"),
+        "every": (500, "save every N steps (and at the end); 0 = only at the end"),
+        "keep": (3, "checkpoints kept"),
+        "async_save": (True, "write checkpoints in the background"),
+    },
+    "log": {
+        "dir": ("runs/default", "run directory: metrics.jsonl, TensorBoard events, checkpoints"),
+        "every": (10, "log metrics every N steps"),
+        "tensorboard": (True, "write TensorBoard event files"),
+        "progress": (True, "show a progress bar with ETA"),
+        "peak_flops": (0.0, "per-device peak FLOP/s for MFU; 0 = from the platform table (CPU: measured)"),
+        "sample_prompt": ("", "after training, print a sample that continues this prompt ('' = none)"),
+        "sample_tokens": (64, "length of that sample in tokens"),
     },
 }
 
@@ -144,6 +216,10 @@ def to_dict(cfg: ml_collections.ConfigDict) -> dict:
     return conv(cfg)
 
 
+def _deep_tuple(v):
+    return tuple(_deep_tuple(x) for x in v) if isinstance(v, list | tuple) else v
+
+
 def from_dict(d: dict) -> ml_collections.ConfigDict:
     """Rebuild a config (for example one saved in a checkpoint) on top of today's defaults."""
     cfg = defaults()
@@ -155,7 +231,7 @@ def from_dict(d: dict) -> ml_collections.ConfigDict:
             if isinstance(node[k], ml_collections.ConfigDict):
                 merge(node[k], v, f"{prefix}{k}.")
             else:
-                node[k] = tuple(v) if isinstance(node[k], tuple) else v
+                node[k] = _deep_tuple(v) if isinstance(node[k], tuple) else v
     merge(cfg, d, "")
     return cfg
 
@@ -166,4 +242,33 @@ def model_config(cfg) -> ModelConfig:
 
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    model_config(cfg)  # ModelConfig validates itself, naming model.* fields
+    """Static checks; those that need the device count live in jaxlm.parallel.make_mesh."""
+    m = model_config(cfg)  # ModelConfig validates itself, naming model.* fields
+
+    def need(cond, msg):
+        if not cond:
+            raise ConfigError(msg)
+
+    d, t, pa = cfg.data, cfg.train, cfg.parallel
+    need(d.long_records in ("split", "truncate"), f"data.long_records must be split | truncate, got {d.long_records!r}")
+    need(d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}")
+    need(d.seq_len <= m.max_position_embeddings,
+         f"data.seq_len {d.seq_len} exceeds model.max_position_embeddings {m.max_position_embeddings}")
+    need(0.0 <= d.max_bad_fraction <= 1.0, f"data.max_bad_fraction must be in [0, 1], got {d.max_bad_fraction}")
+    need(d.packing_bins >= 1, f"data.packing_bins must be >= 1, got {d.packing_bins}")
+    need(t.schedule in ("cosine", "linear", "constant"), f"unknown train.schedule {t.schedule!r}")
+    need(t.steps >= 1, f"train.steps must be >= 1, got {t.steps}")
+    need(t.grad_accum >= 1, f"train.grad_accum must be >= 1, got {t.grad_accum}")
+    need(t.batch_size % t.grad_accum == 0,
+         f"train.batch_size {t.batch_size} is not divisible by train.grad_accum {t.grad_accum}")
+    if d.num_shards:
+        need(t.batch_size % d.num_shards == 0,
+             f"train.batch_size {t.batch_size} is not divisible by data.num_shards {d.num_shards}")
+    need(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
+    for axis in ("data", "fsdp", "tensor"):
+        need(pa[axis] == -1 or pa[axis] >= 1, f"parallel.{axis} must be -1 or >= 1, got {pa[axis]}")
+    need([pa.data, pa.fsdp, pa.tensor].count(-1) <= 1, "only one of parallel.data/fsdp/tensor may be -1")
+    if pa.tensor > 1:
+        for name, n in (("num_kv_heads", m.num_kv_heads), ("num_heads", m.num_heads),
+                        ("intermediate_size", m.intermediate_size), ("vocab_size", m.vocab_size)):
+            need(n % pa.tensor == 0, f"model.{name} {n} is not divisible by parallel.tensor {pa.tensor}")
