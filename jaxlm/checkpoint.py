@@ -87,7 +87,7 @@ def load_params(path, shardings=None):
     """Restore only the params of a checkpoint. With `shardings` (a pytree of jax.sharding.Sharding
     matching the params) each array is placed as the current mesh needs, whatever mesh wrote it."""
     directory, step = resolve(path)
-    mngr = ocp.CheckpointManager(directory.absolute())
+    mngr = ocp.CheckpointManager(directory.absolute(), item_handlers={"params": ocp.StandardCheckpointHandler()})
     try:
         meta = mngr.item_metadata(step)["params"]
         tree = getattr(meta, "tree", meta)
@@ -103,3 +103,90 @@ def load_params(path, shardings=None):
 
 def to_numpy(tree):
     return jax.tree.map(np.asarray, tree)
+
+
+class Checkpointer:
+    """Training checkpoints: async saves, keep N, restore with the current mesh's shardings, and
+    fall back to the previous step when the latest cannot be read."""
+
+    def __init__(self, directory, keep: int = 3, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        self.mngr = manager(self.directory, max_to_keep=keep, async_save=async_save)
+
+    def steps(self) -> list[int]:
+        return sorted(self.mngr.all_steps())
+
+    def save(self, step: int, state, *, config: dict, tokenizer: dict | None, data_iter=None,
+             meta: dict | None = None):
+        import grain
+
+        items = {
+            "params": ocp.args.StandardSave(state.params),
+            "train_state": ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                                  "rng": state.rng}),
+            "config": ocp.args.JsonSave(config),
+            "meta": ocp.args.JsonSave(meta or {}),
+        }
+        if tokenizer is not None:
+            items["tokenizer"] = ocp.args.JsonSave(tokenizer)
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def restore(self, abstract_state, data_iter=None):
+        """(state, meta, step) from the newest readable checkpoint, or None when there is none.
+        abstract_state: a TrainState of jax.ShapeDtypeStruct carrying the target shardings."""
+        import grain
+
+        def spec(x):
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+        params = jax.tree.map(spec, abstract_state.params)
+        rest = jax.tree.map(spec, {"step": abstract_state.step, "opt_state": abstract_state.opt_state,
+                                   "rng": abstract_state.rng})
+        unreadable = []
+        for step in reversed(self.steps()):
+            items = {"params": ocp.args.StandardRestore(params), "train_state": ocp.args.StandardRestore(rest),
+                     "meta": ocp.args.JsonRestore()}
+            if data_iter is not None:
+                items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+            try:
+                r = self.mngr.restore(step, args=ocp.args.Composite(**items))
+            except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: try the one before
+                log.warning("checkpoint step %d in %s cannot be restored (%s: %s); falling back to the "
+                            "previous one", step, self.directory, type(e).__name__, str(e).splitlines()[0][:200])
+                unreadable.append(step)
+                continue
+            self._set_aside(unreadable)
+            ts = r["train_state"]
+            state = abstract_state.replace(params=r["params"], step=ts["step"], opt_state=ts["opt_state"],
+                                           rng=ts["rng"])
+            return state, r["meta"] or {}, step
+        return None
+
+    def _set_aside(self, steps):
+        """Rename unreadable steps to STEP.unreadable (kept for inspection, invisible to Orbax), so
+        the resumed run can save those steps again."""
+        if not steps:
+            return
+        if jax.process_index() == 0:
+            for s in steps:
+                src = self.directory / str(s)
+                dst = self.directory / f"{s}.unreadable"
+                n = 1
+                while dst.exists():
+                    dst, n = self.directory / f"{s}.unreadable{n}", n + 1
+                src.rename(dst)
+                log.warning("moved unreadable checkpoint %s to %s", src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("jaxlm checkpoint set aside")
+        self.mngr.reload()
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()

@@ -7,9 +7,11 @@ Subcommands that take a config accept ml_collections overrides after it:
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console(stderr=True)
 
@@ -133,6 +135,98 @@ def cmd_generate(args, overrides):
                   f"({out.generated_tokens / max(out.decode_seconds, 1e-9):.1f} tok/s, compile included)")
 
 
+# ----------------------------------------------------------------------------- train / eval
+def add_distributed_args(p: argparse.ArgumentParser):
+    g = p.add_argument_group("multi-host (jax.distributed; auto-detected on TPU pods and SLURM)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="coordinator address (process 0)")
+    g.add_argument("--num-processes", type=int, help="processes in the job")
+    g.add_argument("--process-id", type=int, help="this process's index")
+
+
+def apply_distributed_args(cfg, args):
+    if args.coordinator:
+        cfg.parallel.coordinator_address = args.coordinator
+    if args.num_processes:
+        cfg.parallel.num_processes = args.num_processes
+    if args.process_id is not None:
+        cfg.parallel.process_id = args.process_id
+
+
+def print_sample(cfg, params, tok, console_out: Console):
+    from jaxlm import config as C
+    from jaxlm.infer.generate import generate
+
+    ids = tok.encode(cfg.log.sample_prompt)
+    out = generate(C.model_config(cfg), params, [ids], max_new_tokens=cfg.log.sample_tokens, temperature=0.8,
+                   top_k=40, stop_tokens=[tok.eos_id] if tok.eos_id >= 0 else [], seed=cfg.train.seed)
+    console_out.print("[bold]sample[/bold]")
+    console_out.print(cfg.log.sample_prompt + tok.decode(t for t in out.tokens[0] if t != tok.eos_id),
+                      markup=False, highlight=False)
+
+
+def cmd_train(args, overrides):
+    import jax
+
+    from jaxlm.train.loop import train
+
+    cfg = load_config(args, overrides)
+    apply_distributed_args(cfg, args)
+    result = train(cfg, resume=args.resume, init_from=args.init, console=console)
+    ev = result["eval"]
+    if jax.process_index() == 0:
+        if ev:
+            console.print(f"[bold green]held-out perplexity {ev['ppl']:.2f}[/bold green] "
+                          f"(loss {ev['loss']:.4f} over {ev['tokens']} tokens)")
+        if cfg.log.sample_prompt:
+            print_sample(cfg, result["state"].params, result["run"].tok, Console())
+        console.print(f"checkpoints in {cfg.checkpoint.dir or cfg.log.dir + '/checkpoints'}, "
+                      f"TensorBoard logs in {cfg.log.dir}/tensorboard, metrics in {cfg.log.dir}/metrics.jsonl")
+
+
+def cmd_eval(args, overrides):
+    import json
+
+    import jax
+
+    from jaxlm import checkpoint, parallel
+    from jaxlm import config as C
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.train.loop import evaluate_lm, params_shardings
+
+    saved = checkpoint.load_config(args.checkpoint)
+    cfg = C.from_dict({k: v for k, v in saved.items() if k in ("model", "data")})
+    C.apply_overrides(cfg, overrides)
+    apply_distributed_args(cfg, args)
+    parallel.initialize(cfg.parallel.coordinator_address or None, cfg.parallel.num_processes or None,
+                        cfg.parallel.process_id)
+    for k in ("batch_size", "seq_len"):
+        v = getattr(args, k)
+        if v:
+            (cfg.train if k == "batch_size" else cfg.data)[k] = v
+    cfg.train.eval_batches = args.max_batches
+    model_cfg = C.model_config(cfg)
+    mesh = parallel.make_mesh(cfg.parallel)
+    parallel.check_batch(cfg.train.batch_size, mesh)
+    spec = args.tokenizer or checkpoint.load_tokenizer_spec(args.checkpoint) or cfg.data.tokenizer
+    if not spec:
+        raise UsageError("no tokenizer in the checkpoint: pass --tokenizer")
+    tok = load_tokenizer(spec)
+    params = checkpoint.load_params(args.checkpoint, params_shardings(model_cfg, mesh, cfg.parallel.rules))
+    res = evaluate_lm(model_cfg, params, cfg, mesh, tok, args.data, args.max_batches, args.group_field or "")
+    if jax.process_index() != 0:
+        return
+    from rich.table import Table
+
+    table = Table("data", "tokens", "loss", "perplexity", title=f"eval of {args.checkpoint}")
+    table.add_row("all", str(res["tokens"]), f"{res['loss']:.4f}", f"{res['ppl']:.3f}")
+    for name, g in sorted(res.get("groups", {}).items()):
+        table.add_row(f"{args.group_field}={name}", str(g["tokens"]), f"{g['loss']:.4f}", f"{g['ppl']:.3f}")
+    Console().print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps({"checkpoint": str(args.checkpoint), "data": args.data, **res}) + "\n")
+
+
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description=__doc__.split("\n\n")[0])
@@ -160,6 +254,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|end|> / <|endoftext|>")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("train", help="train a model (language modelling; chat data trains on assistant turns)",
+                       epilog="Overrides follow the config: --config.train.steps=100 --config.model.num_layers=2")
+    add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--init", metavar="CKPT", help="start from the params of this checkpoint (for example SFT)")
+    add_distributed_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on data, overall and per group")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--data", required=True, help="sources, as data.train: 'PATH[@W], ...'")
+    p.add_argument("--group-field", help="report perplexity per value of this record field (e.g. family)")
+    p.add_argument("--batch-size", type=int, help="rows per batch (default: the checkpoint's)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the checkpoint's)")
+    p.add_argument("--max-batches", type=int, default=0, help="stop after N batches (0 = all data)")
+    p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
+    p.add_argument("--out", help="append the results as one JSON line to this file")
+    add_distributed_args(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -173,13 +287,17 @@ def main(argv=None):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxlm.checkpoint import CheckpointError
     from jaxlm.convert.hf import ConversionError
+    from jaxlm.data.sources import DataError
     from jaxlm.data.tokenizer import TokenizerError
     from jaxlm.model.config import ConfigError
+    from jaxlm.train.loop import TrainingError
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args, extra)
-    except (UsageError, ConfigError, ConversionError, CheckpointError, TokenizerError, FileNotFoundError) as e:
-        console.print(f"[red]error:[/red] {e}")
+    except (UsageError, ConfigError, ConversionError, CheckpointError, TokenizerError, FileNotFoundError,
+            DataError, TrainingError) as e:
+        console.print("[red]error:[/red] " + escape(str(e)))
         return 2
     return 0
 

@@ -106,7 +106,10 @@ class Decoder(nn.Module):
             self.lm_head = kernel_param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
 
     def embed(self, tokens):
-        x = jnp.take(self.embedding, tokens, axis=0).astype(dtype_of(self.config.dtype))
+        # gather the table's embed shards first (as FSDP does for every weight): a lookup from a table
+        # sharded on both axes makes the SPMD partitioner fall back to full rematerialisation
+        table = nn.with_logical_constraint(self.embedding, ("vocab", None))
+        x = jnp.take(table, tokens, axis=0).astype(dtype_of(self.config.dtype))
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
     def logits(self, hidden):
