@@ -274,6 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="append the results as one JSON line to this file")
     add_distributed_args(p)
     p.set_defaults(func=cmd_eval)
+
+    from jaxlm.scaling.cli import add_commands as add_fit_commands
+
+    add_fit_commands(sub)
     return parser
 
 
@@ -290,13 +294,14 @@ def main(argv=None):
     from jaxlm.data.sources import DataError
     from jaxlm.data.tokenizer import TokenizerError
     from jaxlm.model.config import ConfigError
+    from jaxlm.scaling.fitting import ScalingError
     from jaxlm.train.loop import TrainingError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         args.func(args, extra)
     except (UsageError, ConfigError, ConversionError, CheckpointError, TokenizerError, FileNotFoundError,
-            DataError, TrainingError) as e:
+            DataError, TrainingError, ScalingError) as e:
         console.print("[red]error:[/red] " + escape(str(e)))
         return 2
     return 0
