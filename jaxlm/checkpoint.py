@@ -46,6 +46,16 @@ def manager(directory, max_to_keep: int | None = None, async_save: bool = True) 
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
+def _reader(directory) -> ocp.CheckpointManager:
+    """A manager that knows every item's handler (so reading one item warns about none)."""
+    import grain
+
+    handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
+                "tokenizer": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers)
+
+
 def save_args(params, config: dict, tokenizer: dict | None = None, train_state=None, data=None):
     items = {"params": ocp.args.StandardSave(params), "config": ocp.args.JsonSave(config)}
     if tokenizer is not None:
@@ -87,7 +97,7 @@ def load_params(path, shardings=None):
     """Restore only the params of a checkpoint. With `shardings` (a pytree of jax.sharding.Sharding
     matching the params) each array is placed as the current mesh needs, whatever mesh wrote it."""
     directory, step = resolve(path)
-    mngr = ocp.CheckpointManager(directory.absolute(), item_handlers={"params": ocp.StandardCheckpointHandler()})
+    mngr = _reader(directory)
     try:
         meta = mngr.item_metadata(step)["params"]
         tree = getattr(meta, "tree", meta)

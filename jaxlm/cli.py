@@ -183,6 +183,58 @@ def cmd_train(args, overrides):
                       f"TensorBoard logs in {cfg.log.dir}/tensorboard, metrics in {cfg.log.dir}/metrics.jsonl")
 
 
+def cmd_align(args, overrides):
+    import jax
+
+    from jaxlm.align.train import AlignTask
+    from jaxlm.train.loop import train
+
+    cfg = load_config(args, overrides)
+    apply_distributed_args(cfg, args)
+    result = train(cfg, resume=args.resume, init_from=args.init, task=AlignTask(args.init), console=console)
+    if jax.process_index() == 0 and result["eval"]:
+        ev = result["eval"]
+        console.print(f"[bold green]held-out pairs: reward accuracy {ev['rewards/accuracies']:.3f}, "
+                      f"margin {ev['rewards/margins']:.3f}, loss {ev['loss']:.4f} ({ev['pairs']} pairs)[/bold green]")
+
+
+def cmd_analyze(args, overrides):
+    import json
+
+    from rich.table import Table
+
+    from jaxlm.align import analysis
+    from jaxlm.data.tokenizer import load_tokenizer
+
+    if overrides:
+        raise UsageError(f"unrecognized arguments: {' '.join(overrides)}")
+    ref_cfg, ref_params, spec = model_from_checkpoint(args.reference)
+    tok = load_tokenizer(args.tokenizer or spec)
+    prompts = analysis.read_prompts(args.prompts, tok, args.prompt_field, args.n)
+    results = {}
+    for item in args.policy:
+        name, _, path = item.rpartition("=") if "=" in item else (item, "", item)
+        cfg, params, _ = model_from_checkpoint(path)
+        if cfg != ref_cfg:
+            raise UsageError(f"policy {path} and reference {args.reference} have different architectures")
+        console.print(f"sampling {args.samples} x {len(prompts)} responses from {name} ...")
+        results[name or path] = analysis.analyze(
+            cfg, params, ref_params, prompts, max_new_tokens=args.max_new_tokens, samples=args.samples,
+            stop_tokens=tok.stop_ids, seed=args.seed, max_prompt=args.max_prompt_tokens)
+    table = Table("policy", "KL(pi||ref)", "s.e.", "mean len", "median", "p90", "cut at max", title="policy vs reference")
+    for name, a in results.items():
+        s = a.length_stats()
+        table.add_row(name, f"{a.kl:.3f}", f"{a.kl_se:.3f}", f"{s['mean']:.1f}", f"{s['median']:.0f}",
+                      f"{s['p90']:.0f}", f"{a.truncated}/{len(a.lengths)}")
+    Console().print(table)
+    if args.plot:
+        console.print(f"wrote {analysis.plot(results, args.plot)}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({n: {**a.summary(), **{"hist": a.length_stats()["hist"], "edges": a.length_stats()["edges"]}}
+                       for n, a in results.items()}, f, indent=2)
+
+
 def cmd_eval(args, overrides):
     import json
 
@@ -262,6 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", metavar="CKPT", help="start from the params of this checkpoint (for example SFT)")
     add_distributed_args(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("align", help="preference training: DPO, LN-DPO, SimPO and the *PO family",
+                       epilog="train.batch_size counts pairs; align.loss picks the loss (jaxlm.align.losses.NAMES)")
+    add_config_args(p)
+    p.add_argument("--init", metavar="CKPT", help="policy (and default reference) params, usually an SFT checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    add_distributed_args(p)
+    p.set_defaults(func=cmd_align)
+
+    p = sub.add_parser("analyze", help="KL(policy || reference) and response lengths on a prompt set")
+    p.add_argument("--policy", action="append", required=True, metavar="[NAME=]CKPT",
+                   help="policy checkpoint (repeat to compare several)")
+    p.add_argument("--reference", required=True, metavar="CKPT", help="reference (SFT) checkpoint")
+    p.add_argument("--prompts", required=True, help="JSON Lines of prompts (or preference pairs)")
+    p.add_argument("--prompt-field", default="prompt")
+    p.add_argument("--n", type=int, default=64, help="prompts used (0 = all)")
+    p.add_argument("--samples", type=int, default=1, help="responses sampled per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=192, help="keep the end of longer prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tokenizer", help="override the reference checkpoint's tokenizer")
+    p.add_argument("--plot", help="write length histograms and KL bars to this PNG")
+    p.add_argument("--out", help="write the numbers as JSON")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("eval", help="perplexity of a checkpoint on data, overall and per group")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")

@@ -45,6 +45,8 @@ SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "eval": ("", "held-out sources (same syntax); '' for none"),
         "text_field": ("text", "record field holding plain text"),
         "messages_field": ("messages", "record field holding chat messages (Phi template, assistant-only loss)"),
+        "prompt_field": ("", "record field of a prompt put before the text with no loss (SFT on "
+                             "prompt/completion pairs: text_field is the completion)"),
         "group_field": ("", "record field to report eval perplexity by (for example 'family')"),
         "seq_len": (256, "tokens per packed row"),
         "long_records": ("split", "records longer than seq_len: split | truncate"),
@@ -76,13 +78,32 @@ SECTIONS: dict[str, dict[str, tuple[Any, str]]] = {
         "eval_batches": (20, "held-out batches per evaluation; 0 = the whole eval set"),
     },
     "parallel": {
-        "data": (-1, "data-parallel mesh axis size; -1 = the remaining devices"),
-        "fsdp": (1, "fully-sharded (ZeRO-3) mesh axis size; -1 = the remaining devices"),
+        "data": (-1, "data-parallel mesh axis size (within a slice); -1 = the remaining devices"),
+        "fsdp": (1, "fully-sharded (ZeRO-3) mesh axis size (within a slice); -1 = the remaining devices"),
         "tensor": (1, "tensor-parallel mesh axis size"),
+        "dcn_data": (1, "data-parallel factor across slices (TPU multislice) or node groups; the data "
+                        "axis is data*dcn_data"),
+        "dcn_fsdp": (1, "fsdp factor across slices or node groups; the fsdp axis is fsdp*dcn_fsdp"),
         "rules": (DEFAULT_RULES, "logical axis -> mesh axes table (first unused match wins)"),
         "coordinator_address": ("", "jax.distributed coordinator host:port ('' = auto-detect or single process)"),
         "num_processes": (0, "processes in the job (0 = auto-detect)"),
         "process_id": (-1, "this process's index (-1 = auto-detect)"),
+    },
+    "align": {
+        "loss": ("dpo", "preference loss: dpo | ln_dpo | ipo | simpo | hinge | robust | ... (jaxlm.align.losses.NAMES)"),
+        "beta": (0.1, "inverse temperature of the implicit reward (appears once in every loss)"),
+        "label_smoothing": (0.0, "flip rate eps (conservative DPO, robust, exo_pair)"),
+        "gamma": (0.0, "SimPO's target reward margin (raw, not gamma/beta)"),
+        "sft_weight": (0.0, "RPO: weight of the chosen response's per-token NLL added to the loss"),
+        "reference": ("precomputed", "reference log-probs: precomputed (cached pass) | checkpoint (in-step) | "
+                                     "adapters_off (LoRA policy without adapters) | none (reference-free)"),
+        "reference_checkpoint": ("", "reference model ('' = the --init checkpoint, else the initial params)"),
+        "ref_cache_dir": ("", "cache of precomputed reference log-probs ('' = next to the data if writable, "
+                              "else LOG_DIR/reference)"),
+        "max_prompt_length": (128, "prompt tokens kept (its end) when prompt + response exceed data.seq_len"),
+        "prompt_field": ("prompt", "record field of the prompt (string or messages)"),
+        "chosen_field": ("chosen", "record field of the preferred response"),
+        "rejected_field": ("rejected", "record field of the dispreferred response"),
     },
     "checkpoint": {
         "dir": ("", "checkpoint directory ('' = LOG_DIR/checkpoints)"),
@@ -265,9 +286,21 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         need(t.batch_size % d.num_shards == 0,
              f"train.batch_size {t.batch_size} is not divisible by data.num_shards {d.num_shards}")
     need(t.loss_chunk >= 0, f"train.loss_chunk must be >= 0, got {t.loss_chunk}")
+    a = cfg.align
+    from jaxlm.align.losses import NAMES, REFERENCE_FREE
+
+    need(a.loss in NAMES, f"unknown align.loss {a.loss!r}; choose from {', '.join(NAMES)}")
+    need(a.reference in ("precomputed", "checkpoint", "adapters_off", "none"),
+         f"unknown align.reference {a.reference!r}: precomputed | checkpoint | adapters_off | none")
+    need(a.reference != "none" or a.loss in REFERENCE_FREE,
+         f"align.reference=none needs a reference-free loss ({', '.join(sorted(REFERENCE_FREE))}), not {a.loss}")
+    need(a.beta > 0, f"align.beta must be positive, got {a.beta}")
+    need(a.max_prompt_length > 0, f"align.max_prompt_length must be positive, got {a.max_prompt_length}")
     for axis in ("data", "fsdp", "tensor"):
         need(pa[axis] == -1 or pa[axis] >= 1, f"parallel.{axis} must be -1 or >= 1, got {pa[axis]}")
     need([pa.data, pa.fsdp, pa.tensor].count(-1) <= 1, "only one of parallel.data/fsdp/tensor may be -1")
+    for f in ("dcn_data", "dcn_fsdp"):
+        need(pa[f] >= 1, f"parallel.{f} must be >= 1 (the factor across slices), got {pa[f]}")
     if pa.tensor > 1:
         for name, n in (("num_kv_heads", m.num_kv_heads), ("num_heads", m.num_heads),
                         ("intermediate_size", m.intermediate_size), ("vocab_size", m.vocab_size)):

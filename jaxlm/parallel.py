@@ -38,64 +38,192 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
     Order of precedence: explicit arguments (from flags or config), then the environment
     (JAXLM_COORDINATOR_ADDRESS / JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID, or JAX_* of the same names),
-    then JAX's own cluster auto-detection for Cloud TPU pods and SLURM jobs.
+    then the cluster the process runs in: a SLURM job step with several tasks, a Cloud TPU VM (pod
+    slice or multislice, read by JAX from the TPU metadata) or a GKE TPU job.
+    JAXLM_DISTRIBUTED=0 turns the detection off, =1 forces `jax.distributed.initialize()` (JAX's own
+    detection: Open MPI, Kubernetes, ...).
     """
     if jax.distributed.is_initialized():
         return True
     addr = coordinator_address or _env("JAXLM_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS")
-    n = num_processes or int(_env("JAXLM_NUM_PROCESSES", "JAX_NUM_PROCESSES") or 0)
+    n = num_processes or int(_env("JAXLM_NUM_PROCESSES", "JAX_NUM_PROCESSES", "JAX_PROCESS_COUNT") or 0)
     pid = process_id if process_id is not None and process_id >= 0 else \
         int(_env("JAXLM_PROCESS_ID", "JAX_PROCESS_ID") or -1)
+    cluster = None
     if addr or n > 1:
         if not (addr and n > 1 and pid >= 0):
             raise ConfigError("a multi-process run needs all of parallel.coordinator_address, "
                               f"parallel.num_processes and parallel.process_id (got {addr!r}, {n}, {pid})")
-        # CPU collectives across processes (the local multi-host path); ignored by GPU/TPU clients
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid)
-    elif _detected_cluster():
-        jax.distributed.initialize()  # JAX reads the TPU pod / SLURM environment itself
     else:
-        return False
+        cluster = detected_cluster()
+        if not cluster:
+            return False
+    # CPU collectives across processes (the local multi-host path); ignored by GPU/TPU clients
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if not cluster:
+        # everything is given: JAX's cluster detection must not second-guess it (under SLURM it would
+        # limit a one-task-per-node process to GPU 0). JAX_LOCAL_DEVICE_IDS is still honoured.
+        jax.distributed.initialize(coordinator_address=addr, num_processes=n, process_id=pid,
+                                   cluster_detection_method="deactivate")
+    elif cluster == "slurm":
+        jax.distributed.initialize(**slurm_params())
+    else:
+        jax.distributed.initialize()  # JAX reads the TPU metadata / environment itself
     log.info("jax.distributed: process %d of %d, %d local devices of %d", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
 
 
-def _detected_cluster() -> bool:
-    """A TPU pod slice with several hosts, or a SLURM job with several tasks."""
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 and "SLURM_JOB_ID" in os.environ:
-        return True
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
+def detected_cluster() -> str | None:
+    """'slurm', 'tpu', 'forced' or None: where `initialize()` without addresses finds its peers."""
+    mode = os.environ.get("JAXLM_DISTRIBUTED", "").lower()
+    if mode in ("0", "false", "off", "no"):
+        return None
+    if mode in ("1", "true", "on", "yes"):
+        return "forced"
+    if "SLURM_JOB_ID" in os.environ and "SLURM_PROCID" in os.environ and \
+            int(_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS") or 1) > 1:
+        return "slurm"
+    hosts = _env("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES") or ""
+    if "," in hosts or os.environ.get("MEGASCALE_COORDINATOR_ADDRESS") or _on_cloud_tpu_vm():
+        return "tpu"
+    return None
+
+
+def _on_cloud_tpu_vm() -> bool:
+    """TPU chips on this host's PCI bus (what JAX checks before reading the TPU VM metadata)."""
+    try:
+        from jax._src import hardware_utils
+
+        return hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0
+    except Exception:  # noqa: BLE001 - a JAX without this helper: no TPU detection, flags still work
+        return False
+
+
+def _first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: 'gpu[003-004,7],cpu1' -> 'gpu003', 'a,b' -> 'a'."""
+    i = next((k for k, ch in enumerate(nodelist) if ch in ",["), len(nodelist))
+    if i == len(nodelist) or nodelist[i] == ",":
+        return nodelist[:i]
+    rest = nodelist[i + 1:]
+    j = next((k for k, ch in enumerate(rest) if ch in ",-]"), len(rest))
+    return nodelist[:i] + rest[:j]
+
+
+def slurm_params() -> dict:
+    """jax.distributed.initialize arguments for this SLURM task. One task per node sees all of the
+    node's GPUs; with several tasks per node each task takes GPU SLURM_LOCALID, unless SLURM already
+    gave it a single one (CUDA_VISIBLE_DEVICES)."""
+    nodes = _env("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST") or "localhost"
+    port = os.environ.get("JAX_COORDINATOR_PORT") or str(int(os.environ["SLURM_JOB_ID"]) % 4096 + 61440)
+    n = int(_env("SLURM_STEP_NUM_TASKS", "SLURM_NTASKS"))
+    n_nodes = int(_env("SLURM_STEP_NUM_NODES", "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1)
+    out = dict(coordinator_address=f"{_first_host(nodes)}:{port}", num_processes=n,
+               process_id=int(os.environ["SLURM_PROCID"]), cluster_detection_method="deactivate")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if n > n_nodes and ("," in visible or not visible) and not os.environ.get("JAX_LOCAL_DEVICE_IDS"):
+        out["local_device_ids"] = [int(os.environ.get("SLURM_LOCALID", 0))]
+    return out
 
 
 # ----------------------------------------------------------------------------- mesh
-def mesh_shape(sizes: dict[str, int], num_devices: int) -> tuple[int, ...]:
+DCN_FIELDS = {"data": "dcn_data", "fsdp": "dcn_fsdp"}  # mesh axis -> its across-slice factor
+
+
+def mesh_shape(sizes: dict[str, int], num_devices: int, where: str = "") -> tuple[int, ...]:
     """Resolve -1 to the remaining devices; the product must equal num_devices."""
     shape = [int(sizes[a]) for a in MESH_AXES]
     known = int(np.prod([s for s in shape if s != -1]))
     if -1 in shape:
         if num_devices % known:
-            raise ConfigError(f"{num_devices} devices cannot be split into parallel "
+            raise ConfigError(f"{num_devices} devices{where} cannot be split into parallel "
                               f"{dict(zip(MESH_AXES, shape))}: {num_devices} is not divisible by {known}")
         shape[shape.index(-1)] = num_devices // known
     if int(np.prod(shape)) != num_devices:
         raise ConfigError(f"parallel data*fsdp*tensor = {'*'.join(map(str, shape))} = {int(np.prod(shape))} "
-                          f"but there are {num_devices} devices")
+                          f"but there are {num_devices} devices{where}")
     return tuple(shape)
 
 
-def make_mesh(parallel_cfg, devices: Sequence | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axis types (pjit style)."""
-    devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape({a: parallel_cfg[a] for a in MESH_AXES}, len(devices))
-    try:
+def dcn_shape(parallel_cfg) -> tuple[int, ...]:
+    """The across-slice factor of each mesh axis (1 where the config has none)."""
+    shape = []
+    for a in MESH_AXES:
+        v = parallel_cfg.get(DCN_FIELDS[a], 1) if a in DCN_FIELDS else 1
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"parallel.{DCN_FIELDS[a]} must be an integer >= 1, got {v!r}")
+        shape.append(v)
+    return tuple(shape)
+
+
+def _ici_grid(shape, devices) -> np.ndarray:
+    """Devices of one slice (or one group of hosts) arranged along the fast network."""
+    from jax.experimental import mesh_utils
+
+    for split in (False, True):
+        try:
+            return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=split)
+        except Exception:  # noqa: BLE001 - retry, then fall back below
+            continue
+    if devices[0].platform == "tpu":
+        log.warning("no topology-aware TPU mesh of shape %s; using the plain device order", shape)
+    return np.asarray(devices, dtype=object).reshape(shape)
+
+
+def _slices(devices) -> int:
+    ids = {getattr(d, "slice_index", None) for d in devices}
+    return 1 if None in ids else len(ids)
+
+
+def device_grid(parallel_cfg, devices: Sequence) -> np.ndarray:
+    """The devices arranged as the (data, fsdp, tensor) mesh: axis sizes ici * dcn.
+
+    `parallel.data/fsdp/tensor` are the sizes within a slice (the fast ICI / NVLink network) and
+    `parallel.dcn_data/dcn_fsdp` the factors across slices (the slower data-centre network). Along
+    each axis the slice index is the outer one: with dcn_data=2 the first half of the data axis is
+    slice 0. Slices are TPU slices when the devices carry several `slice_index` values; otherwise
+    contiguous groups of processes (GPU nodes, local processes) of equal size.
+    """
+    devices = list(devices)
+    dcn = dcn_shape(parallel_cfg)
+    n = int(np.prod(dcn))
+    slices = _slices(devices)
+    if n == 1:
+        if slices > 1:
+            raise ConfigError(f"the devices span {slices} TPU slices: set parallel.dcn_data and/or "
+                              f"parallel.dcn_fsdp so that dcn_data*dcn_fsdp = {slices}")
+        return _ici_grid(mesh_shape({a: parallel_cfg[a] for a in MESH_AXES}, len(devices)), devices)
+    what = f"parallel.dcn_data*dcn_fsdp = {dcn[0]}*{dcn[1]} = {n}"
+    if len(devices) % n:
+        raise ConfigError(f"{what} does not divide the {len(devices)} devices")
+    ici = mesh_shape({a: parallel_cfg[a] for a in MESH_AXES}, len(devices) // n, " per slice")
+    if slices > 1:
+        if slices != n:
+            raise ConfigError(f"{what} but the devices span {slices} TPU slices")
         from jax.experimental import mesh_utils
 
-        grid = mesh_utils.create_device_mesh(shape, devices)
-    except Exception:  # noqa: BLE001 - fake CPU devices have no topology: plain order is right
-        grid = np.asarray(devices).reshape(shape)
+        for split in (False, True):
+            try:
+                return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=split)
+            except ValueError as e:
+                err = e
+        raise ConfigError(f"cannot lay out parallel {dict(zip(MESH_AXES, ici))} within each slice: {err}")
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) % n:
+        raise ConfigError(f"{what} but the {len(procs)} process(es) cannot be split into {n} equal "
+                          "groups (with no TPU slices, each dcn group is a set of processes, e.g. a node)")
+    group = {p: i * n // len(procs) for i, p in enumerate(procs)}
+    blocks = np.empty(n, dtype=object)
+    for g in range(n):
+        blocks[g] = _ici_grid(ici, [d for d in devices if group[d.process_index] == g])
+    return np.block(blocks.reshape(dcn).tolist())
+
+
+def make_mesh(parallel_cfg, devices: Sequence | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axis types (pjit style).
+    `parallel_cfg` is the `parallel` config section or a dict with data/fsdp/tensor (dcn_* optional)."""
+    devices = list(devices if devices is not None else jax.devices())
+    grid = device_grid(parallel_cfg, devices)
     return Mesh(grid, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
 
 
@@ -119,8 +247,8 @@ def logical_sharding(tree_of_specs, mesh: Mesh, rules):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over data*fsdp, the sequence replicated."""
-    return NamedSharding(mesh, P(("data", "fsdp"), None))
+    """Rows (the leading axis of any rank) split over data*fsdp; everything else replicated."""
+    return NamedSharding(mesh, P(("data", "fsdp")))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

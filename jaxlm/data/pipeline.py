@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxlm.data.sources import BAD_KINDS, DataError, Report, check_fraction, open_source, parse_spec
+from jaxlm.data.sources import BAD_KINDS, DataError, Report, check_fraction, open_spec, parse_spec
 from jaxlm.data.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
 
 FIELDS = ("tokens", "targets", "loss_mask", "group")
@@ -34,8 +34,9 @@ class Tokenize:
     """record -> {"ids", "mask", "origin", "group", "source"} (picklable: the tokenizer loads lazily)."""
 
     def __init__(self, tokenizer_spec, text_field="text", messages_field="messages", add_eos=True,
-                 group_field="", source=0, groups: dict | None = None):
+                 group_field="", source=0, groups: dict | None = None, prompt_field=""):
         self.spec, self.text_field, self.messages_field = tokenizer_spec, text_field, messages_field
+        self.prompt_field = prompt_field
         self.add_eos, self.group_field, self.source = add_eos, group_field, source
         self.groups = groups if groups is not None else {}
         self._tok: Tokenizer | None = None
@@ -59,6 +60,10 @@ class Tokenize:
         else:
             ids = self.tok.encode(rec[self.text_field], special=False)
             mask = [1] * len(ids)
+            prompt = rec.get(self.prompt_field) if self.prompt_field else None
+            if isinstance(prompt, str):  # prompt/completion records: the loss is on the completion only
+                p = self.tok.encode(prompt, special=False)
+                ids, mask = p + ids, [0] * len(p) + mask
         if self.add_eos and self.tok.eos_id >= 0:
             ids, mask = ids + [self.tok.eos_id], mask + [0 if msgs else 1]
         out["ids"] = np.asarray(ids, np.int32)
@@ -171,6 +176,7 @@ class DataConfig:
     seq_len: int = 256
     text_field: str = "text"
     messages_field: str = "messages"
+    prompt_field: str = ""
     group_field: str = ""
     long_records: str = "split"
     add_eos: bool = True
@@ -183,6 +189,7 @@ class DataConfig:
     def from_config(cls, d, sources: str, tokenizer=None):
         return cls(sources=sources, tokenizer=tokenizer if tokenizer is not None else d.tokenizer,
                    seq_len=d.seq_len, text_field=d.text_field, messages_field=d.messages_field,
+                   prompt_field=d.prompt_field,
                    group_field=d.group_field, long_records=d.long_records, add_eos=d.add_eos,
                    packing_bins=d.packing_bins, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
                    num_workers=d.num_workers)
@@ -192,7 +199,7 @@ def open_sources(cfg: DataConfig):
     specs = parse_spec(cfg.sources)
     sources = []
     for s in specs:
-        src = open_source(s.path, cfg.text_field, cfg.messages_field)
+        src = open_spec(s, cfg.text_field, cfg.messages_field)
         if len(src) == 0:
             raise DataError("\n".join([f"data source {s.path!r} has no usable records"] + src.report.lines()))
         check_fraction(src.report, cfg.max_bad_fraction)
@@ -218,8 +225,8 @@ class TrainData:
         self.cfg, self.batch_size, self.num_shards, self.seed = cfg, batch_size, num_shards, seed
         self.specs, self.sources = open_sources(cfg)
         tokenizer = cfg.tokenizer if isinstance(cfg.tokenizer, Tokenizer) else load_tokenizer(cfg.tokenizer)
-        self.tokenizers = [Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, "", i)
-                           for i in range(len(self.sources))]
+        self.tokenizers = [Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, "", i,
+                                    prompt_field=cfg.prompt_field) for i in range(len(self.sources))]
         # data.train weights are shares of tokens: divide by each source's mean record length
         w = np.array([s.weight for s in self.specs])
         if len(self.sources) > 1:
@@ -333,7 +340,8 @@ def eval_batches(cfg: DataConfig, batch_size: int, max_batches: int = 0):
     The last batch is padded with empty rows (loss_mask 0). `groups` maps group names to ids."""
     _, sources = open_sources(cfg)
     tokenizer = cfg.tokenizer if isinstance(cfg.tokenizer, Tokenizer) else load_tokenizer(cfg.tokenizer)
-    tok = Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, cfg.group_field)
+    tok = Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, cfg.group_field,
+                   prompt_field=cfg.prompt_field)
     ds = grain.MapDataset.source(_Concat(sources)).map(tok).to_iter_dataset(READ_OPTIONS)
     docs = Documents(ds, cfg.seq_len, cfg.long_records, 1)
     rows = pack(docs, cfg.seq_len, cfg.packing_bins).batch(batch_size, drop_remainder=False)

@@ -242,9 +242,13 @@ def _tfds(spec, text_field, messages_field, name):
 class SourceSpec:
     path: str
     weight: float
+    select: slice | None = None  # PATH[a:b]: only usable records a..b (for train / held-out splits)
 
 
 def parse_spec(spec: str) -> list[SourceSpec]:
+    """'PATH[a:b]@WEIGHT, ...' -> [SourceSpec]; the record range and the weight are optional."""
+    import re
+
     out = []
     for part in (p.strip() for p in str(spec).split(",")):
         if not part:
@@ -256,7 +260,12 @@ def parse_spec(spec: str) -> list[SourceSpec]:
             raise DataError(f"bad weight {weight!r} in data source {part!r}") from None
         if w <= 0:
             raise DataError(f"data source {part!r} has weight {w}; weights must be positive")
-        out.append(SourceSpec(path, w))
+        m = re.fullmatch(r"(.*)\[(-?\d*):(-?\d*)\]", path)
+        select = None
+        if m:
+            path = m.group(1)
+            select = slice(int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None)
+        out.append(SourceSpec(path, w, select))
     if not out:
         raise DataError("no data sources given (data.train is empty)")
     return out
@@ -272,6 +281,25 @@ def resolve_paths(path: str) -> list[str]:
     if not files or missing:
         raise DataError(f"data source {path!r} matches no files" if not files else f"data file {missing[0]} not found")
     return files
+
+
+class Subset(Sequence):
+    """Records a..b of a source (its report still counts the whole source)."""
+
+    def __init__(self, inner, select: slice):
+        self.inner, self.idx = inner, range(len(inner))[select]
+        self.report = inner.report
+
+    def __len__(self):
+        return len(self.idx)
+
+    def __getitem__(self, i):
+        return self.inner[self.idx[i]]
+
+
+def open_spec(spec: SourceSpec, text_field="text", messages_field="messages"):
+    src = open_source(spec.path, text_field, messages_field)
+    return Subset(src, spec.select) if spec.select is not None else src
 
 
 def open_source(path: str, text_field="text", messages_field="messages"):

@@ -40,20 +40,29 @@ class TrainingError(RuntimeError):
 
 # ----------------------------------------------------------------------------- tasks
 class LMTask:
-    """Next-token prediction on packed text or chat data."""
+    """Next-token prediction on packed text or chat data. A task supplies the data stream, the loss,
+    the frozen arrays the loss reads (none here) and the evaluation; the loop does the rest."""
 
     name = "train"
 
-    def data(self, cfg, tok: Tokenizer):
-        dc = pipeline.DataConfig.from_config(cfg.data, cfg.data.train, tok)
+    def data(self, run: Run):
+        cfg = run.cfg
+        dc = pipeline.DataConfig.from_config(cfg.data, cfg.data.train, run.tok)
         shards = cfg.data.num_shards or jax.process_count()
         return pipeline.TrainData(dc, cfg.train.batch_size, shards, cfg.train.seed)
+
+    def rows(self, cfg) -> int:
+        """Rows of seq_len tokens in one global batch."""
+        return cfg.train.batch_size
 
     def batch_keys(self):
         return BATCH_KEYS
 
     def loss_fn(self, model_cfg: ModelConfig, cfg):
         return None  # steps.make_train_step's default: the LM loss
+
+    def frozen(self, run: Run):
+        return None
 
     def evaluate(self, run: Run, params) -> dict:
         if not run.cfg.data.eval:
@@ -95,9 +104,19 @@ def params_shardings(model_cfg: ModelConfig, mesh, rules):
     return parallel.logical_sharding(logical_axes(model_cfg), mesh, rules)
 
 
+def initial_params(model_cfg: ModelConfig, seed: int, mesh, rules):
+    """The params a fresh run with this seed starts from (what S.create draws), sharded for mesh."""
+    import flax.linen as nn
+
+    rng = jax.random.split(jax.random.PRNGKey(seed))[0]
+    with parallel.sharding_context(mesh, rules):
+        return jax.jit(lambda: nn.meta.unbox(Decoder(model_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]),
+                       out_shardings=params_shardings(model_cfg, mesh, rules))()
+
+
 @dataclasses.dataclass
 class Trainer:
-    """The jitted pieces of training on one mesh: `init()` -> state, `step(state, batch)`."""
+    """The jitted pieces of training on one mesh: `init()` -> state, `step(state, batch[, frozen])`."""
 
     init: Any
     step: Any
@@ -105,6 +124,7 @@ class Trainer:
     shardings: Any  # TrainState of NamedSharding
     mesh: Any
     rules: Any
+    with_frozen: bool = False
 
     def target(self):
         """The abstract state with shardings attached (what a restore needs)."""
@@ -115,22 +135,29 @@ class Trainer:
         with parallel.sharding_context(self.mesh, self.rules):
             return self.init()
 
-    def __call__(self, state, local_batch: dict):
+    def __call__(self, state, local_batch: dict, frozen=None):
         """One step on this process's rows of the global batch."""
         with parallel.sharding_context(self.mesh, self.rules):
-            return self.step(state, parallel.global_batch(local_batch, self.mesh))
+            batch = parallel.global_batch(local_batch, self.mesh)
+            return self.step(state, batch, frozen) if self.with_frozen else self.step(state, batch)
 
 
-def make_trainer(model_cfg: ModelConfig, cfg, mesh, tx=None, loss_fn=None) -> Trainer:
+def make_trainer(model_cfg: ModelConfig, cfg, mesh, tx=None, loss_fn=None, frozen_shardings=None) -> Trainer:
+    """Jit the init and the step for `mesh`. With `frozen_shardings` (for example the reference
+    model's params) the step takes a third argument, read by the loss but never trained."""
     t, rules = cfg.train, cfg.parallel.rules
     tx = tx or S.optimizer(t)
+    step_fn = steps.make_train_step(model_cfg, tx, t.grad_accum, t.loss_chunk, loss_fn)
     with parallel.sharding_context(mesh, rules):
         create, abstract, shardings = state_shardings(model_cfg, tx, mesh, rules, t.seed)
         init = jax.jit(lambda: S.unboxed(create()), out_shardings=shardings)
-        step = jax.jit(steps.make_train_step(model_cfg, tx, t.grad_accum, t.loss_chunk, loss_fn),
-                       in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                       out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
-    return Trainer(init, step, abstract, shardings, mesh, rules)
+        ins = (shardings, parallel.batch_sharding(mesh))
+        outs = (shardings, parallel.replicated(mesh))
+        if frozen_shardings is None:
+            step = jax.jit(lambda s, b: step_fn(s, b), in_shardings=ins, out_shardings=outs, donate_argnums=0)
+        else:
+            step = jax.jit(step_fn, in_shardings=ins + (frozen_shardings,), out_shardings=outs, donate_argnums=0)
+    return Trainer(init, step, abstract, shardings, mesh, rules, frozen_shardings is not None)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -183,7 +210,7 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
     C.validate(cfg)
     model_cfg = C.model_config(cfg)
     mesh = parallel.make_mesh(pa)
-    parallel.check_batch(cfg.train.batch_size, mesh, cfg.train.grad_accum)
+    parallel.check_batch(task.rows(cfg), mesh, cfg.train.grad_accum)
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer is empty: give a tokenizer.json, a .tiktoken file or asset:tiny_bpe.json")
     tok = load_tokenizer(cfg.data.tokenizer)
@@ -194,7 +221,7 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
     run = Run(cfg, model_cfg, mesh, tok, log_dir, console)
     main = jax.process_index() == 0
 
-    data = task.data(cfg, tok)
+    data = task.data(run)
     if main:
         for r in data.reports:
             for line in r.lines():
@@ -207,7 +234,9 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
         raise TrainingError(f"{ckpt_dir} already holds checkpoints (steps {ckpt.steps()}): pass --resume to "
                             "continue that run, or choose another log.dir")
     lr_at = S.schedule(t)
-    trainer = make_trainer(model_cfg, cfg, mesh, tx, task.loss_fn(model_cfg, cfg))
+    frozen = task.frozen(run)
+    frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
+    trainer = make_trainer(model_cfg, cfg, mesh, tx, task.loss_fn(model_cfg, cfg), frozen_sh)
     start, meta = 0, {}
     restored = None
     if resume:
@@ -226,7 +255,7 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
     runlog = M.RunLog(log_dir, cfg.log.tensorboard, resume=resume and start > 0)
     peak, peak_src = M.peak_flops_per_device(cfg.log.peak_flops)
     flops_tok = model_cfg.flops_per_token(cfg.data.seq_len)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    tokens_per_step = task.rows(cfg) * cfg.data.seq_len
     if main:
         console.print(f"model {model_cfg.num_params / 1e6:.2f}M params; mesh {dict(mesh.shape)} on "
                       f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
@@ -282,7 +311,7 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
     try:
         for s in range(start, t.steps):
             local = next(it)
-            state, m = trainer(state, {k: local[k] for k in task.batch_keys()})
+            state, m = trainer(state, {k: local[k] for k in task.batch_keys()}, frozen)
             if pending:
                 finish(pending)
             pending = (s + 1, m)
@@ -302,11 +331,14 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
                 if res:
                     evals = res
                     rec = {"step": s + 1, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
-                    runlog.write(rec, prefix="eval")
+                    runlog.write({**rec, **{f"{g}/{k}": v for g, m in res.get("groups", {}).items()
+                                            for k, v in m.items()}}, prefix="eval")
                     if main:
                         console.print(f"[cyan]eval step {s + 1}[/cyan] | " + " | ".join(
                             f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
                             if k != "step"))
+            if (do_eval or do_ckpt) and window["t0"] is not None:
+                window.update(t0=time.perf_counter(), steps=0)  # evaluating and saving are not throughput
         if pending:
             finish(pending)
     finally:

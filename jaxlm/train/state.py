@@ -72,8 +72,8 @@ def optimizer(t, params_like=None) -> optax.GradientTransformation:
 def create(model_init, tx, rng) -> TrainState:
     """Initial state with boxed (logically partitioned) params: pass it to jax.eval_shape to get
     shardings with nn.get_partition_spec, and unbox it inside the jitted initialiser."""
-    init_rng, rng = jax.random.split(rng)
-    params = model_init(init_rng)
+    param_rng, rng = jax.random.split(rng)
+    params = model_init(param_rng)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng)
 
 

@@ -54,37 +54,38 @@ def nll_sums(config: ModelConfig, params, batch, chunk: int):
 
 def make_train_step(config: ModelConfig, tx: optax.GradientTransformation, grad_accum: int = 1,
                     chunk: int = 256, loss_fn=None):
-    """(state, batch) -> (state, metrics).
+    """(state, batch, frozen=None) -> (state, metrics).
 
-    `loss_fn(params, batch) -> (summed loss, weight, aux dict of sums)` defaults to the LM loss
-    (summed NLL, loss-token count); preference training passes its own. Gradients of the sums are
-    accumulated over `grad_accum` micro-batches and divided by the total weight once.
+    `loss_fn(params, batch, frozen) -> (summed loss, weight, aux dict of sums)` defaults to the LM
+    loss (summed NLL, loss-token count); preference training passes its own, with the frozen
+    reference params as `frozen`. Gradients of the sums are accumulated over `grad_accum`
+    micro-batches and divided by the total weight once.
     """
     if loss_fn is None:
-        def loss_fn(params, batch):
+        def loss_fn(params, batch, frozen):
             total, n = nll_sums(config, params, batch, chunk)
             return total, n, {}
 
-    def value_and_grad(params, batch):
+    def value_and_grad(params, batch, frozen):
         def f(p):
-            total, n, aux = loss_fn(p, batch)
+            total, n, aux = loss_fn(p, batch, frozen)
             return total, (n, aux)
         (total, (n, aux)), g = jax.value_and_grad(f, has_aux=True)(params)
         return g, total, n, aux
 
-    def step(state: TrainState, batch):
+    def step(state: TrainState, batch, frozen=None):
         params = state.params
         if grad_accum == 1:
-            grads, total, n, aux = value_and_grad(params, batch)
+            grads, total, n, aux = value_and_grad(params, batch, frozen)
         else:
             mb = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
 
             def body(carry, b):
-                return jax.tree.map(jnp.add, carry, value_and_grad(params, b)), None
+                return jax.tree.map(jnp.add, carry, value_and_grad(params, b, frozen)), None
 
             first = jax.tree.map(lambda x: x[0], mb)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                 jax.eval_shape(value_and_grad, params, first))
+                                 jax.eval_shape(value_and_grad, params, first, frozen))
             (grads, total, n, aux), _ = jax.lax.scan(body, zeros, mb)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
