@@ -1,0 +1,234 @@
+"""Sweeps: a grid of runs from one config, run one after another here (`jaxlm sweep run`) or written
+out as launch commands for a pod or a cluster (`jaxlm sweep launch`).
+
+A sweep file is a Python file whose `get_config()` returns an ml_collections ConfigDict:
+
+    name      the sweep's name            base     the config every run starts from
+    command   train | align               init     --init checkpoint for every run ('' = none)
+    dir       run folders + results.jsonl  record   what a finished run adds to the results table:
+                                                   lm | multilingual | align (see RECORDERS)
+    fixed     overrides for every run: ((field, value), ...)
+    points    the grid: a tuple of points, each a tuple of (field, value) pairs (use `product`)
+    prepare   optional ((output, jaxlm argv), ...) run once when `output` is missing (e.g. a tokenizer)
+    analysis  for record=align: prompts, n, max_new_tokens, samples
+
+Finished runs are recorded in DIR/results.jsonl and skipped when the sweep is run again; a run that
+was interrupted resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from jaxlm import config as C
+from jaxlm.model.config import ConfigError
+
+
+# ----------------------------------------------------------------------------- building grids
+def axis(field: str, values: Sequence) -> list[tuple]:
+    """One axis: each value becomes a point ((field, value),)."""
+    return [((field, v),) for v in values]
+
+
+def named(points: dict) -> list[tuple]:
+    """Points that set several fields at once: {label: {field: value, ...}}; the run name shows the label
+    (its fields are stored as ~field so that only the label names the run)."""
+    return [(("point", label),) + tuple((f"~{f}", v) for f, v in fields.items()) for label, fields in points.items()]
+
+
+def overrides(point) -> list[tuple]:
+    """(field, value) pairs of a point, without labels."""
+    return [(f.lstrip("~"), v) for f, v in point if f != "point"]
+
+
+def product(*axes) -> tuple:
+    """The cartesian product of axes (lists of points)."""
+    return tuple(sum(combo, ()) for combo in itertools.product(*axes))
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    import importlib.util
+
+    path = Path(spec.partition(":")[0])
+    if not path.exists():
+        raise ConfigError(f"sweep file {path} not found")
+    mod_spec = importlib.util.spec_from_file_location(f"_jaxlm_sweep_{path.stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    s = module.get_config()
+    for k in ("name", "base", "command", "dir", "points", "record"):
+        if k not in s:
+            raise ConfigError(f"sweep {spec} has no {k!r}")
+    if s.command not in ("train", "align"):
+        raise ConfigError(f"sweep.command must be train | align, got {s.command!r}")
+    if s.record not in RECORDERS:
+        raise ConfigError(f"sweep.record must be one of {sorted(RECORDERS)}, got {s.record!r}")
+    return s
+
+
+def run_name(point) -> str:
+    parts = []
+    for field, value in point:
+        if field == "point":
+            parts.append(str(value))
+        elif field.startswith("~"):
+            continue
+        elif not isinstance(value, str) or len(value) < 24:
+            parts.append(f"{field.split('.')[-1]}{value}")
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", "-".join(parts))
+
+
+def run_config(s, point) -> ml_collections.ConfigDict:
+    cfg = C.load(s.base)
+    for field, value in list(s.get("fixed", ())) + overrides(point):
+        C.apply_overrides(cfg, [f"--config.{field}={_text(value)}"])
+    cfg.log.dir = str(Path(s.dir) / run_name(point))
+    cfg.log.progress = False
+    C.validate(cfg)
+    return cfg
+
+
+def _text(v) -> str:
+    return v if isinstance(v, str) else repr(v)
+
+
+# ----------------------------------------------------------------------------- results
+def finished(results: Path) -> set[str]:
+    if not results.exists():
+        return set()
+    return {json.loads(line)["run"] for line in open(results) if line.strip()}
+
+
+def record_lm(s, cfg, point, result) -> list[dict]:
+    m = C.model_config(cfg)
+    ev = result["eval"]
+    return [{"N": m.num_non_embedding_params, "D": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,
+             "lr": cfg.train.lr, "loss": ev.get("loss"), "ppl": ev.get("ppl")}]
+
+
+def family_shares(spec: str, families: dict) -> dict:
+    """Token shares by family of a data.train spec whose paths are language files (xx.jsonl)."""
+    from jaxlm.data.sources import parse_spec
+
+    shares: dict = {}
+    specs = parse_spec(spec)
+    total = sum(x.weight for x in specs)
+    for x in specs:
+        lang = Path(x.path).name.split(".")[0]
+        fam = families.get(lang, lang)
+        shares[fam] = shares.get(fam, 0.0) + x.weight / total
+    return shares
+
+
+def record_multilingual(s, cfg, point, result) -> list[dict]:
+    """One row per language family: family, N, D, p (its token share), loss (its held-out loss), and
+    the whole mixture as p_<family> columns (for the independence check)."""
+    families = json.loads(Path(s.families).read_text())
+    shares = family_shares(cfg.data.train, families)
+    m = C.model_config(cfg)
+    base = {"N": m.num_non_embedding_params, "D": cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len,
+            "mixture": ",".join(f"{f}={p:.3f}" for f, p in sorted(shares.items())),
+            **{f"p_{f}": round(p, 6) for f, p in shares.items()}}
+    rows = []
+    for fam, g in sorted(result["eval"].get("groups", {}).items()):
+        if fam in shares:
+            rows.append({**base, "family": fam, "p": round(shares[fam], 6), "loss": g["loss"]})
+    return rows
+
+
+def record_align(s, cfg, point, result) -> list[dict]:
+    """Held-out reward accuracy and margins, then KL(policy || reference) and response lengths."""
+    from jaxlm import checkpoint
+    from jaxlm.align import analysis
+
+    ev = result["eval"]
+    row = {"loss_type": cfg.align.loss, "beta": cfg.align.beta, "lr": cfg.train.lr,
+           "accuracy": ev.get("rewards/accuracies"), "margin": ev.get("rewards/margins"), "eval_loss": ev.get("loss")}
+    a = s.get("analysis")
+    if a and s.get("init"):
+        tok = result["run"].tok
+        model_cfg = result["run"].model_cfg
+        import jax
+
+        policy = jax.device_get(result["state"].params)
+        ref = checkpoint.load_params(s.init)
+        prompts = analysis.read_prompts(a.prompts, tok, "prompt", a.n)
+        an = analysis.analyze(model_cfg, policy, ref, prompts, max_new_tokens=a.max_new_tokens, samples=a.samples,
+                              stop_tokens=tok.stop_ids, seed=cfg.train.seed, max_prompt=a.get("max_prompt", 192))
+        row.update(an.summary())
+    return [row]
+
+
+RECORDERS = {"lm": record_lm, "multilingual": record_multilingual, "align": record_align}
+
+
+# ----------------------------------------------------------------------------- running
+def prepare(s, console):
+    from jaxlm.cli import main as cli
+
+    for output, argv in s.get("prepare", ()):
+        if not Path(output).exists():
+            console.print(f"[dim]sweep[/dim] preparing {output}: jaxlm {' '.join(argv)}")
+            if cli(list(argv)) != 0:
+                raise ConfigError(f"sweep preparation failed: jaxlm {' '.join(argv)}")
+
+
+def run(s, console) -> Path:
+    """Run every unfinished point in order; append its rows to DIR/results.jsonl."""
+    import jax
+
+    from jaxlm.align.train import AlignTask
+    from jaxlm.train.loop import train
+
+    out = Path(s.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    prepare(s, console)
+    done = finished(results)
+    points = list(s.points)
+    for n, point in enumerate(points, 1):
+        name = run_name(point)
+        if name in done:
+            console.print(f"[dim]sweep {n}/{len(points)} {name}: done, skipped[/dim]")
+            continue
+        cfg = run_config(s, point)
+        resume = (Path(cfg.log.dir) / "checkpoints").is_dir() and any(
+            p.name.isdigit() for p in (Path(cfg.log.dir) / "checkpoints").iterdir())
+        console.print(f"[bold]sweep {n}/{len(points)} {name}[/bold]" + (" (resuming)" if resume else ""))
+        init = s.get("init") or None
+        task = AlignTask(init) if s.command == "align" else None
+        result = train(cfg, resume=resume, init_from=init, task=task, console=console)
+        rows = RECORDERS[s.record](s, cfg, point, result)
+        if jax.process_index() == 0:
+            with open(results, "a") as f:
+                for row in rows:
+                    f.write(json.dumps({"run": name, **dict(overrides(point)), **row}) + "\n")
+        del result
+    return results
+
+
+def launch_commands(s, target: str, sweep_file: str) -> list[str]:
+    """One launcher command per unfinished run, for `launch/tpu_pod.sh` or `launch/gpu_slurm.sh`."""
+    import shlex
+
+    done = finished(Path(s.dir) / "results.jsonl")
+    script = {"tpu": "launch/tpu_pod.sh run", "slurm": "launch/gpu_slurm.sh"}[target]
+    cmds = []
+    for point in s.points:
+        name = run_name(point)
+        if name in done:
+            continue
+        args = ["jaxlm", s.command, "--config", s.base]
+        for field, value in list(s.get("fixed", ())) + overrides(point):
+            args.append(f"--config.{field}={_text(value)}")
+        args.append(f"--config.log.dir={Path(s.dir) / name}")
+        if s.get("init"):
+            args += ["--init", s.init]
+        cmds.append(f"{script} -- {shlex.join(args)}  # sweep {s.name} ({sweep_file}) run {name}")
+    return cmds

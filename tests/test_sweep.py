@@ -1,0 +1,66 @@
+"""Sweeps: grid expansion, run-and-record, resume without redoing finished runs, launch commands."""
+
+import json
+
+from conftest import tiny_config, write_config
+
+from jaxlm import sweep
+from jaxlm.cli import main
+
+
+def write_sweep(tmp_path, base, record="lm"):
+    path = tmp_path / "sweep.py"
+    path.write_text(f'''
+import ml_collections
+from jaxlm.sweep import axis, named, product
+
+def get_config():
+    s = ml_collections.ConfigDict()
+    s.name, s.base, s.command, s.init, s.record = "t", "{base}", "train", "", "{record}"
+    s.dir = "{tmp_path / 'sweep'}"
+    s.fixed = (("train.steps", 2), ("train.eval_every", 2), ("train.eval_batches", 1))
+    s.points = product(named({{"small": {{"model.num_layers": 1}}}}), axis("train.lr", (1e-3, 3e-3)))
+    return s
+''')
+    return path
+
+
+def test_grid_names_and_overrides(tmp_path):
+    s = sweep.load(str(write_sweep(tmp_path, "configs/quickstart.py")))
+    names = [sweep.run_name(p) for p in s.points]
+    assert names == ["small-lr0.001", "small-lr0.003"]
+    assert sweep.overrides(s.points[1]) == [("model.num_layers", 1), ("train.lr", 0.003)]
+    cfg = sweep.run_config(s, s.points[1])
+    assert (cfg.model.num_layers, cfg.train.lr, cfg.train.steps) == (1, 0.003, 2)
+    assert cfg.log.dir.endswith("sweep/small-lr0.003")
+
+
+def test_run_records_and_skips_finished_runs(tmp_path, capsys):
+    cfg = tiny_config()
+    base = write_config(cfg, tmp_path / "base.py")
+    path = write_sweep(tmp_path, base)
+    assert main(["sweep", "run", str(path)]) == 0
+    results = tmp_path / "sweep" / "results.jsonl"
+    rows = [json.loads(x) for x in open(results)]
+    assert [r["run"] for r in rows] == ["small-lr0.001", "small-lr0.003"]
+    assert all(r["D"] == 2 * 8 * 64 and r["loss"] > 0 and r["N"] > 0 for r in rows)
+    assert main(["sweep", "run", str(path)]) == 0
+    assert "done, skipped" in capsys.readouterr().err
+    assert len(open(results).readlines()) == 2
+    out = tmp_path / "launch.sh"
+    assert main(["sweep", "launch", str(path), "--target", "slurm", "--out", str(out)]) == 0
+    assert "# generated" in out.read_text() and "jaxlm train" not in out.read_text()  # all done: nothing left
+
+
+def test_launch_commands_for_unfinished_runs(tmp_path):
+    s = sweep.load(str(write_sweep(tmp_path, "configs/quickstart.py")))
+    cmds = sweep.launch_commands(s, "tpu", "sweep.py")
+    assert len(cmds) == 2 and cmds[0].startswith("launch/tpu_pod.sh")
+    assert "jaxlm train --config configs/quickstart.py" in cmds[0] and "--config.train.lr=0.001" in cmds[0]
+    assert "--config.log.dir=" in cmds[1]
+
+
+def test_family_shares_from_a_mixture_spec():
+    spec = "ml/en.jsonl[:-5]@0.2, ml/de.jsonl@0.2, ml/fr.jsonl@0.3, ml/es.jsonl@0.3"
+    shares = sweep.family_shares(spec, {"en": "Germanic", "de": "Germanic", "fr": "Romance", "es": "Romance"})
+    assert abs(shares["Germanic"] - 0.4) < 1e-9 and abs(shares["Romance"] - 0.6) < 1e-9
