@@ -58,11 +58,13 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, ctx, layer_cache=None):
+    def __call__(self, x, ctx, layer_xs):
         """x [B, T, d] -> ([B, T, d], new layer cache or None).
 
-        ctx holds cos, sin [B, T, R/2], q_idx [T], q_seg [B, T] or None, and in cache mode
-        `index` (the first slot written) and k_seg [B, S] (segment ids of the updated cache).
+        ctx (shared by all layers) holds cos, sin [B, T, R/2], q_idx [T], q_seg [B, T] or None, and in
+        cache mode `index` (the first slot written) and k_seg [B, S] (segment ids of the updated cache);
+        with retrieval, `retrieval` (see jaxlm.model.retrieval). layer_xs (this layer's slice of the
+        scan) holds `layer` (the layer index) and, in cache mode, this layer's cache `k`, `v`.
         """
         c = self.config
         dt = dtype_of(c.dtype)
@@ -74,7 +76,8 @@ class Attention(nn.Module):
         wo = kernel_param(self, "o", (c.num_heads, hd, d), ("heads", "head_dim", "embed"), c)
 
         x = x.astype(dt)
-        q = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        q_raw = jnp.einsum("btd,dhk->bthk", x, wq.astype(dt))
+        q = q_raw
         k = jnp.einsum("btd,dhk->bthk", x, wk.astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, wv.astype(dt))
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
@@ -84,10 +87,10 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
         new_cache = None
-        if layer_cache is not None:
+        if "k" in layer_xs:
             idx = ctx["index"]
-            kc = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), (0, idx, 0, 0))
-            vc = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), (0, idx, 0, 0))
+            kc = jax.lax.dynamic_update_slice(layer_xs["k"], k.astype(layer_xs["k"].dtype), (0, idx, 0, 0))
+            vc = jax.lax.dynamic_update_slice(layer_xs["v"], v.astype(layer_xs["v"].dtype), (0, idx, 0, 0))
             new_cache = {"k": kc, "v": vc}
             k, v = kc.astype(dt), vc.astype(dt)
             k_idx = jnp.arange(kc.shape[1])
@@ -96,10 +99,15 @@ class Attention(nn.Module):
             mask = attention_mask(ctx["q_idx"], ctx["q_idx"], ctx["q_seg"], ctx["q_seg"], window=c.sliding_window)
 
         impl = c.attention.impl
-        if impl == "dense":
+        if impl == "retrieval" and "retrieval" in ctx:
+            from jaxlm.model.retrieval import retrieval_attention
+
+            o = retrieval_attention(c, q_raw, q, k, v, mask, layer_xs["layer"], ctx["retrieval"], wk.astype(dt),
+                                    wv.astype(dt))
+        elif impl == "s2":
+            raise NotImplementedError("the s2 attention core is not available in this build")
+        else:  # dense, and retrieval models without a datastore (training, short inputs)
             o = dense_attention(q, k, v, mask)
-        else:  # the s2 and retrieval cores plug in here (their own issues)
-            raise NotImplementedError(f"attention impl {impl!r} is not available in this build")
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("bthk,hkd->btd", o, wo.astype(dt))

@@ -27,8 +27,25 @@ def field(default: Any, help: str):  # noqa: A002 - "help" reads best at the cal
 
 
 @dataclasses.dataclass(frozen=True)
+class RetrievalConfig:
+    """Unlimiformer-style kNN-retrieval attention for inputs longer than the context (inference)."""
+
+    layers: tuple = field((), "layers that retrieve (indices); () = the upper half")
+    top_k: int = field(16, "datastore entries each query head retrieves")
+    window: int = field(128, "local KV window (last input tokens + generated tokens) every layer attends")
+    overlap: int = field(64, "tokens of left context each prefill chunk re-reads from the previous one")
+    context: int = field(0, "tokens per prefill chunk (the trained context); 0 = max_position_embeddings")
+    approx: bool = field(False, "search with jax.lax.approx_max_k (fast on TPU) instead of exact top_k")
+    recall: float = field(0.95, "recall target of approx_max_k")
+
+    def retrieval_layers(self, num_layers: int) -> tuple:
+        return tuple(self.layers) if self.layers else tuple(range(num_layers // 2, num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     impl: str = field("dense", "attention core: dense | s2 | retrieval")
+    retrieval: RetrievalConfig = field(RetrievalConfig(), "kNN-retrieval attention (impl=retrieval)")
 
 
 SUBCONFIGS = {"attention": AttentionConfig}
@@ -163,6 +180,12 @@ class ModelConfig:
             need(self.original_max_position_embeddings > 0, "model.original_max_position_embeddings must be positive")
         need(self.attention.impl in ATTENTION_IMPLS,
              f"unknown attention impl {self.attention.impl!r} (model.attention.impl); choose from {ATTENTION_IMPLS}")
+        r = self.attention.retrieval
+        need(all(0 <= i < self.num_layers for i in r.layers),
+             f"model.attention.retrieval.layers {r.layers} must be layer indices below {self.num_layers}")
+        need(r.top_k >= 1 and r.window >= 1, "model.attention.retrieval.top_k and window must be >= 1")
+        ctx = r.context or self.max_position_embeddings
+        need(0 <= r.overlap < ctx, f"model.attention.retrieval.overlap {r.overlap} must be in [0, context={ctx})")
         need(self.remat_policy in REMAT_POLICIES,
              f"unknown model.remat_policy {self.remat_policy!r}; choose from {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):

@@ -57,13 +57,16 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
     config: ModelConfig
+    collect: bool = False  # also emit the attention input (normed hidden states) of the layer
 
     @nn.compact
-    def __call__(self, x, ctx, layer_cache):
-        a, new_cache = Attention(self.config, name="attn")(RMSNorm(self.config, name="attn_norm")(x), ctx, layer_cache)
+    def __call__(self, x, ctx, layer_xs):
+        h = RMSNorm(self.config, name="attn_norm")(x)
+        a, new_cache = Attention(self.config, name="attn")(h, ctx, layer_xs)
         x = x + a
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
-        return nn.with_logical_constraint(x, ("batch", "length", "embed")), new_cache
+        x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+        return x, (new_cache, h if self.collect else None)
 
 
 def positions_from_segments(segment_ids):
@@ -78,13 +81,17 @@ def positions_from_segments(segment_ids):
 class Decoder(nn.Module):
     """Phi-3 / Phi-4-mini decoder.
 
-    __call__(tokens [B, T], positions=None, segment_ids=None, cache=None, return_hidden=False)
+    __call__(tokens [B, T], positions=None, segment_ids=None, cache=None, return_hidden=False,
+             retrieval=None)
       -> logits [B, T, V] float32 (or final hidden states), plus the updated cache when one is given.
     segment_ids: tokens attend only within their segment; 0 marks padding. Default positions restart
     at every segment boundary (so a packed row equals its documents run alone).
+    retrieval: the datastore of kNN-retrieval attention (jaxlm.infer.retrieval), cache mode only.
+    With collect=True the call also returns every layer's attention input [L, B, T, d].
     """
 
     config: ModelConfig
+    collect: bool = False
 
     def setup(self):
         c = self.config
@@ -100,7 +107,7 @@ class Decoder(nn.Module):
             in_axes=(nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
-        )(c, name="layers")
+        )(c, self.collect, name="layers")
         self.final_norm = RMSNorm(c, name="final_norm")
         if not c.tie_embeddings:
             self.lm_head = kernel_param(self, "lm_head", (c.hidden_size, c.vocab_size), ("embed", "vocab"), c)
@@ -119,7 +126,7 @@ class Decoder(nn.Module):
         out = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False, retrieval=None):
         b, t = tokens.shape
         if positions is None:
             if segment_ids is not None:
@@ -129,7 +136,7 @@ class Decoder(nn.Module):
                 positions = jnp.broadcast_to(start + jnp.arange(t)[None], (b, t))
         cos, sin = rope_tables(self.config, positions)
         ctx = {"cos": cos, "sin": sin, "q_seg": segment_ids}
-        layer_caches = None
+        layer_xs = {"layer": jnp.arange(self.config.num_layers, dtype=jnp.int32)}
         if cache is None:
             ctx["q_idx"] = jnp.arange(t)
         else:
@@ -137,13 +144,16 @@ class Decoder(nn.Module):
             q_seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
             k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, idx))
             ctx.update(q_idx=idx + jnp.arange(t), q_seg=q_seg, k_seg=k_seg, index=idx)
-            layer_caches = {"k": cache["k"], "v": cache["v"]}
+            layer_xs.update(k=cache["k"], v=cache["v"])
+        if retrieval is not None:
+            ctx["retrieval"] = retrieval
 
         x = self.embed(tokens)
-        x, new_layer_caches = self.layers(x, ctx, layer_caches)
+        x, (new_layer_caches, collected) = self.layers(x, ctx, layer_xs)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)
-        if cache is None:
-            return out
-        new_cache = dict(new_layer_caches, segment_ids=ctx["k_seg"], index=cache["index"] + t)
-        return out, new_cache
+        if cache is not None:
+            out = (out, dict(new_layer_caches, segment_ids=ctx["k_seg"], index=cache["index"] + t))
+        if self.collect:
+            return out, collected
+        return out
