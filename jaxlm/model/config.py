@@ -181,11 +181,13 @@ class ModelConfig:
         need(self.attention.impl in ATTENTION_IMPLS,
              f"unknown attention impl {self.attention.impl!r} (model.attention.impl); choose from {ATTENTION_IMPLS}")
         r = self.attention.retrieval
-        need(all(0 <= i < self.num_layers for i in r.layers),
-             f"model.attention.retrieval.layers {r.layers} must be layer indices below {self.num_layers}")
-        need(r.top_k >= 1 and r.window >= 1, "model.attention.retrieval.top_k and window must be >= 1")
-        ctx = r.context or self.max_position_embeddings
-        need(0 <= r.overlap < ctx, f"model.attention.retrieval.overlap {r.overlap} must be in [0, context={ctx})")
+        if self.attention.impl == "retrieval":
+            need(all(0 <= i < self.num_layers for i in r.layers),
+                 f"model.attention.retrieval.layers {r.layers} must be layer indices below {self.num_layers}")
+            need(r.top_k >= 1 and r.window >= 1, "model.attention.retrieval.top_k and window must be >= 1")
+            ctx = r.context or self.max_position_embeddings
+            need(0 <= r.overlap < ctx,
+                 f"model.attention.retrieval.overlap {r.overlap} must be in [0, context={ctx})")
         need(self.remat_policy in REMAT_POLICIES,
              f"unknown model.remat_policy {self.remat_policy!r}; choose from {REMAT_POLICIES}")
         for name in ("dtype", "param_dtype"):
