@@ -25,9 +25,16 @@ class CheckpointError(RuntimeError):
     pass
 
 
+def as_path(path):
+    """A local path made absolute, or a URL (gs://...) as an epath that Orbax and file I/O accept."""
+    from etils import epath
+
+    return epath.Path(str(path)) if "://" in str(path) else Path(path).absolute()
+
+
 def resolve(path) -> tuple[Path, int]:
     """A manager directory (latest step) or one step's folder -> (manager directory, step)."""
-    p = Path(path)
+    p = as_path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if (p / "_CHECKPOINT_METADATA").exists() or (p / "params").is_dir():
@@ -43,7 +50,7 @@ def resolve(path) -> tuple[Path, int]:
 def manager(directory, max_to_keep: int | None = None, async_save: bool = True) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
                                            create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(as_path(directory), options=options)
 
 
 def _reader(directory) -> ocp.CheckpointManager:
@@ -53,7 +60,7 @@ def _reader(directory) -> ocp.CheckpointManager:
     handlers = {"params": ocp.StandardCheckpointHandler(), "train_state": ocp.StandardCheckpointHandler(),
                 "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler(),
                 "tokenizer": ocp.JsonCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()}
-    return ocp.CheckpointManager(Path(directory).absolute(), item_handlers=handlers)
+    return ocp.CheckpointManager(as_path(directory), item_handlers=handlers)
 
 
 def save_args(params, config: dict, tokenizer: dict | None = None, train_state=None, data=None):
@@ -120,7 +127,7 @@ class Checkpointer:
     fall back to the previous step when the latest cannot be read."""
 
     def __init__(self, directory, keep: int = 3, async_save: bool = True):
-        self.directory = Path(directory).absolute()
+        self.directory = as_path(directory)
         self.mngr = manager(self.directory, max_to_keep=keep, async_save=async_save)
 
     def steps(self) -> list[int]:

@@ -4,9 +4,18 @@
 * `lr_horizon`: optimal learning rate across token horizons, LR*(D) = B D^-beta (Bjorck et al., 2024).
 * `fitting`: shared Huber/L-BFGS fitting, bootstrap intervals, results tables; `ScalingError`.
 * `plots` (matplotlib, imported on use) and `cli` (`jaxlm fit ...`).
+
+Submodules load on first use (scipy is only needed to fit).
 """
 
-from jaxlm.scaling import fitting, lr_horizon, multilingual
-from jaxlm.scaling.fitting import ScalingError
+import importlib
+
+from jaxlm.scaling.errors import ScalingError
 
 __all__ = ["ScalingError", "fitting", "lr_horizon", "multilingual"]
+
+
+def __getattr__(name):
+    if name in ("fitting", "lr_horizon", "multilingual", "plots", "cli"):
+        return importlib.import_module(f"jaxlm.scaling.{name}")
+    raise AttributeError(name)

@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxlm.scaling.fitting import ScalingError
+from jaxlm.scaling.errors import ScalingError
 
 
 def _fmt(x) -> str:

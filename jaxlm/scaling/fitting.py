@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
+from jaxlm.scaling.errors import ScalingError  # noqa: F401 - re-exported
+
 HUBER_DELTA = 1e-3  # Chinchilla's delta for residuals of log-loss
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 
 
-class ScalingError(ValueError):
-    """Input that a scaling-law fit cannot use; the message names the file, line and column."""
 
 
 # ----------------------------------------------------------------------------- tables

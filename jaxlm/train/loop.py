@@ -216,8 +216,8 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}")
-    log_dir = Path(cfg.log.dir)
-    ckpt_dir = Path(cfg.checkpoint.dir or log_dir / "checkpoints")
+    log_dir = checkpoint.as_path(cfg.log.dir)  # local, or gs://... (Orbax and TensorBoard write there)
+    ckpt_dir = checkpoint.as_path(cfg.checkpoint.dir or log_dir / "checkpoints")
     run = Run(cfg, model_cfg, mesh, tok, log_dir, console)
     main = jax.process_index() == 0
 
@@ -302,7 +302,7 @@ def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
                 console.print(msg)
             c = pipeline.counters(it.get_state())
             pipeline.check_counters(c, data.reports, cfg.data.max_bad_fraction)
-        runlog.write(rec)
+        runlog.write(rec, flush=s % cfg.log.every == 0 or s == t.steps)
         last = rec
         if progress:
             progress.update(s, m["loss"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -47,28 +46,45 @@ class RunLog:
     """metrics.jsonl (every record) and TensorBoard scalars."""
 
     def __init__(self, directory, tensorboard: bool = True, resume: bool = False):
-        self.dir = Path(directory)
+        from jaxlm.checkpoint import as_path
+
+        self.dir = as_path(directory)
         self.tb = None
         self.dir.mkdir(parents=True, exist_ok=True)
         p = jax.process_index()
         # every process records what it computed (metrics.p1.jsonl, ...); process 0 also writes TensorBoard
         name = "metrics.jsonl" if p == 0 else f"metrics.p{p}.jsonl"
-        self.jsonl = open(self.dir / name, "a" if resume else "w")  # noqa: SIM115
+        self.remote = "://" in str(directory)
+        if self.remote:  # object stores cannot append: keep the lines and rewrite the file at each flush
+            path = self.dir / name
+            self.lines = path.read_text().splitlines(keepends=True) if resume and path.exists() else []
+            self.path = path
+        else:
+            self.jsonl = open(self.dir / name, "a" if resume else "w")  # noqa: SIM115
         if tensorboard and p == 0:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(self.dir / "tensorboard"))
 
-    def write(self, record: dict, prefix: str = "train"):
-        self.jsonl.write(json.dumps({k: _plain(v) for k, v in record.items()}) + "\n")
-        self.jsonl.flush()
+    def write(self, record: dict, prefix: str = "train", flush: bool = True):
+        line = json.dumps({k: _plain(v) for k, v in record.items()}) + "\n"
+        if self.remote:
+            self.lines.append(line)
+            if flush:
+                self.path.write_text("".join(self.lines))
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         if self.tb is not None and "step" in record:
             for k, v in record.items():
                 if k != "step" and isinstance(v, int | float | np.floating | np.integer) and math.isfinite(v):
                     self.tb.add_scalar(f"{prefix}/{k}", float(v), int(record["step"]))
 
     def close(self):
-        self.jsonl.close()
+        if self.remote:
+            self.path.write_text("".join(self.lines))
+        else:
+            self.jsonl.close()
         if self.tb is not None:
             self.tb.close()
 
