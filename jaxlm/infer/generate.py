@@ -114,7 +114,7 @@ class Generator:
         history = jax.lax.dynamic_update_slice(history, token[:, None], (0, slot))
         seg = jax.lax.dynamic_update_slice(cache["segment_ids"], jnp.ones((b, 1), jnp.int32), (0, slot))
         pos = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0) * seg
-        fresh = jax.tree.map(jnp.zeros_like, cache)
+        fresh = init_cache(self.config, b, history.shape[1], self.cache_dtype)
         hidden, new = self.model.apply({"params": params}, history, pos, seg, cache=fresh, return_hidden=True)
         h = jax.lax.dynamic_slice_in_dim(hidden, slot, 1, axis=1)[:, 0]
         logits = self.model.apply({"params": params}, h, method=Decoder.logits)

@@ -58,13 +58,14 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, ctx, layer_xs):
-        """x [B, T, d] -> ([B, T, d], new layer cache or None).
+    def __call__(self, x, ctx, layer_xs, carried=None):
+        """x [B, T, d] -> ([B, T, d], new layer cache or None, carried).
 
         ctx (shared by all layers) holds cos, sin [B, T, R/2], q_idx [T], q_seg [B, T] or None, and in
         cache mode `index` (the first slot written) and k_seg [B, S] (segment ids of the updated cache);
         with retrieval, `retrieval` (see jaxlm.model.retrieval). layer_xs (this layer's slice of the
         scan) holds `layer` (the layer index) and, in cache mode, this layer's cache `k`, `v`.
+        carried: caches that travel in the scan's carry (the S2-compressed cache, jaxlm.model.s2).
         """
         c = self.config
         dt = dtype_of(c.dtype)
@@ -87,7 +88,11 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx["cos"], ctx["sin"])
 
         new_cache = None
-        if "k" in layer_xs:
+        carried = carried if carried is not None else {}
+        compressed = "ks" in carried
+        if compressed:  # S2-compressed cache: the mask over the (dense layers') full-length slots
+            mask = attention_mask(ctx["q_idx"], jnp.arange(ctx["k_seg"].shape[1]), ctx["q_seg"], ctx["k_seg"])
+        elif "k" in layer_xs:
             idx = ctx["index"]
             kc = jax.lax.dynamic_update_slice(layer_xs["k"], k.astype(layer_xs["k"].dtype), (0, idx, 0, 0))
             vc = jax.lax.dynamic_update_slice(layer_xs["v"], v.astype(layer_xs["v"].dtype), (0, idx, 0, 0))
@@ -105,10 +110,18 @@ class Attention(nn.Module):
             o = retrieval_attention(c, q_raw, q, k, v, mask, layer_xs["layer"], ctx["retrieval"], wk.astype(dt),
                                     wv.astype(dt))
         elif impl == "s2":
-            raise NotImplementedError("the s2 attention core is not available in this build")
+            from jaxlm.model import s2
+
+            if compressed:
+                o, carried = s2.compressed_core(c, q, k, v, mask, ctx, layer_xs["layer"], carried,
+                                                ctx["k_seg"].shape[1])
+            elif "k" in layer_xs:
+                o = s2.full_cache_core(c, q, k, v, mask, ctx, layer_xs["layer"])
+            else:
+                o = s2.train_core(c, q, k, v, mask, ctx["q_seg"], layer_xs["layer"])
         else:  # dense, and retrieval models without a datastore (training, short inputs)
             o = dense_attention(q, k, v, mask)
         o = nn.with_logical_constraint(o, ("batch", "length", "heads", "head_dim"))
         o = checkpoint_name(o, "attn_out")
         y = jnp.einsum("bthk,hkd->btd", o, wo.astype(dt))
-        return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_cache
+        return nn.with_logical_constraint(y, ("batch", "length", "embed")), new_cache, carried

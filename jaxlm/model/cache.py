@@ -12,6 +12,10 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
     """k, v: [layers, B, max_len, kv_heads, head_dim]; segment_ids [B, max_len] (0 = empty or
     padding, never attended); index: the next slot to write."""
     dt = dtype or dtype_of(config.dtype)
+    from jaxlm.model import s2
+
+    if s2.compressed(config):
+        return s2.init_compressed(config, batch, max_len, dt)
     shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_size)
     return {
         "k": jnp.zeros(shape, dt),
@@ -22,5 +26,7 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> dic
 
 
 def cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
-    dt = jnp.dtype(dtype or dtype_of(config.dtype))
-    return 2 * config.num_layers * batch * max_len * config.num_kv_heads * config.head_size * dt.itemsize
+    """Bytes of all layers' K and V caches (S2-compressed layers counted as compressed)."""
+    from jaxlm.model import s2
+
+    return sum(b for _, _, b in s2.layer_cache_bytes(config, batch, max_len, dtype))

@@ -43,9 +43,26 @@ class RetrievalConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class S2Config:
+    """S2-Attention (Lin et al., 2024): per-head strided shards of the context plus a local window."""
+
+    block_size: int = field(64, "tokens per block (a power of two >= 16)")
+    local_blocks: int = field(4, "local window in blocks (the diagonal block counts)")
+    vert_stride: int = field(8, "a head attends one key block in every vert_stride outside its window")
+    homo_head: bool = field(False, "all heads share one shard (h = 0)")
+    num_dense_heads: int = field(0, "the last KV heads stay dense")
+    head_sliding_offset: int = field(0, "added to the stride test; 1 = vLLM / Phi-3-small")
+    dense_layers: tuple = field((), "layers that stay dense (indices)")
+    dense_every_n: int = field(0, "also make layer i dense when (i + 1) % n == 0 (Phi-3-small's 2); 0 = off")
+    kernel: str = field("auto", "auto | xla | pallas | triton | reference (jaxlm.kernels.s2_attention)")
+    compressed_cache: bool = field(True, "decode with the S2-compressed KV cache (off: full cache + mask)")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     impl: str = field("dense", "attention core: dense | s2 | retrieval")
     retrieval: RetrievalConfig = field(RetrievalConfig(), "kNN-retrieval attention (impl=retrieval)")
+    s2: S2Config = field(S2Config(), "S2-Attention (impl=s2)")
 
 
 SUBCONFIGS = {"attention": AttentionConfig}
@@ -180,6 +197,18 @@ class ModelConfig:
             need(self.original_max_position_embeddings > 0, "model.original_max_position_embeddings must be positive")
         need(self.attention.impl in ATTENTION_IMPLS,
              f"unknown attention impl {self.attention.impl!r} (model.attention.impl); choose from {ATTENTION_IMPLS}")
+        s2 = self.attention.s2
+        if self.attention.impl == "s2":
+            bs = s2.block_size
+            need(bs >= 16 and bs & (bs - 1) == 0, f"model.attention.s2.block_size must be a power of two >= 16, got {bs}")
+            need(s2.local_blocks >= 1 and s2.vert_stride >= 1, "model.attention.s2.local_blocks and vert_stride must be >= 1")
+            need(0 <= s2.num_dense_heads <= self.num_kv_heads,
+                 f"model.attention.s2.num_dense_heads {s2.num_dense_heads} must be in [0, num_kv_heads]")
+            need(all(0 <= i < self.num_layers for i in s2.dense_layers),
+                 f"model.attention.s2.dense_layers {s2.dense_layers} must be layer indices below {self.num_layers}")
+            need(s2.kernel in ("auto", "xla", "pallas", "triton", "reference"),
+                 f"unknown model.attention.s2.kernel {s2.kernel!r}")
+            need(not self.sliding_window, "model.sliding_window and S2 attention cannot be combined")
         r = self.attention.retrieval
         if self.attention.impl == "retrieval":
             need(all(0 <= i < self.num_layers for i in r.layers),

@@ -60,13 +60,14 @@ class Block(nn.Module):
     collect: bool = False  # also emit the attention input (normed hidden states) of the layer
 
     @nn.compact
-    def __call__(self, x, ctx, layer_xs):
+    def __call__(self, carry, ctx, layer_xs):
+        x, carried = carry
         h = RMSNorm(self.config, name="attn_norm")(x)
-        a, new_cache = Attention(self.config, name="attn")(h, ctx, layer_xs)
+        a, new_cache, carried = Attention(self.config, name="attn")(h, ctx, layer_xs, carried)
         x = x + a
         x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-        return x, (new_cache, h if self.collect else None)
+        return (x, carried), (new_cache, h if self.collect else None)
 
 
 def positions_from_segments(segment_ids):
@@ -135,8 +136,9 @@ class Decoder(nn.Module):
                 start = 0 if cache is None else cache["index"]
                 positions = jnp.broadcast_to(start + jnp.arange(t)[None], (b, t))
         cos, sin = rope_tables(self.config, positions)
-        ctx = {"cos": cos, "sin": sin, "q_seg": segment_ids}
+        ctx = {"cos": cos, "sin": sin, "q_seg": segment_ids, "positions": positions}
         layer_xs = {"layer": jnp.arange(self.config.num_layers, dtype=jnp.int32)}
+        carried = {}
         if cache is None:
             ctx["q_idx"] = jnp.arange(t)
         else:
@@ -144,16 +146,20 @@ class Decoder(nn.Module):
             q_seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
             k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, idx))
             ctx.update(q_idx=idx + jnp.arange(t), q_seg=q_seg, k_seg=k_seg, index=idx)
-            layer_xs.update(k=cache["k"], v=cache["v"])
+            if "ks" in cache:  # S2-compressed: caches of two shapes, carried through the layers
+                carried = {n: cache[n] for n in ("k", "v", "ks", "vs", "blk")}
+            else:
+                layer_xs.update(k=cache["k"], v=cache["v"])
         if retrieval is not None:
             ctx["retrieval"] = retrieval
 
         x = self.embed(tokens)
-        x, (new_layer_caches, collected) = self.layers(x, ctx, layer_xs)
+        (x, carried), (new_layer_caches, collected) = self.layers((x, carried), ctx, layer_xs)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)
         if cache is not None:
-            out = (out, dict(new_layer_caches, segment_ids=ctx["k_seg"], index=cache["index"] + t))
+            layer_caches = carried if carried else new_layer_caches
+            out = (out, dict(layer_caches, segment_ids=ctx["k_seg"], index=cache["index"] + t))
         if self.collect:
             return out, collected
         return out
