@@ -11,7 +11,7 @@ def get_config():
     cfg.data.train = "asset:shakespeare/train.jsonl"
     cfg.data.eval = "asset:shakespeare/eval.jsonl"
     cfg.data.seq_len = 256
-    cfg.train.update(steps=300, batch_size=16, lr=3e-3, warmup_steps=30, min_lr_ratio=0.1, weight_decay=0.1,
+    cfg.train.update(steps=200, batch_size=16, lr=3e-3, warmup_steps=20, min_lr_ratio=0.1, weight_decay=0.1,
                      eval_every=100, eval_batches=8)
     cfg.checkpoint.update(every=100, keep=2)
     cfg.log.update(dir="runs/quickstart", every=20, sample_prompt="ROMEO.\n", sample_tokens=80)
