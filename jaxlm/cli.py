@@ -98,6 +98,14 @@ def cmd_generate(args, overrides):
 
     if args.checkpoint:
         model_cfg, params, spec = model_from_checkpoint(args.checkpoint)
+        if args.long_input and overrides:  # retrieval settings: --config.model.attention.retrieval.top_k=32
+            from jaxlm import config as C
+
+            if any(not o.startswith("--config.model.") for o in overrides if o.startswith("--")):
+                raise UsageError("with --checkpoint only --config.model.* overrides apply")
+            cfg = C.from_dict({"model": model_cfg.to_dict()})
+            C.apply_overrides(cfg, overrides)
+            model_cfg = C.model_config(cfg)
     elif args.config:
         from jaxlm import config as C
         from jaxlm.model import init_params
@@ -113,6 +121,10 @@ def cmd_generate(args, overrides):
     if not spec:
         raise UsageError("no tokenizer in the checkpoint or config: pass --tokenizer")
     tok = load_tokenizer(spec)
+    if args.long_input:  # one input of any length: the file's text, then the prompt (retrieval attention)
+        if len(args.prompt or []) > 1:
+            raise UsageError("--long-input takes at most one --prompt")
+        args.prompt = [Path(args.long_input).read_text() + (args.prompt or [""])[0]]
     prompts = args.prompt or [sys.stdin.read()]
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
@@ -126,8 +138,16 @@ def cmd_generate(args, overrides):
         if max(p) >= model_cfg.vocab_size:
             raise UsageError(f"prompt {i} has token id {max(p)} outside the model's vocabulary ({model_cfg.vocab_size})")
     stops = [] if args.no_stop else tok.stop_ids
-    out = generate(model_cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed)
+    if args.long_input:
+        from jaxlm.infer.retrieval import generate_long
+
+        out = generate_long(model_cfg, params, ids[0], max_new_tokens=args.max_new_tokens, stop_tokens=stops,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+        console.print(f"retrieval attention: {out.prompt_tokens} input tokens in {out.windows} windows, "
+                      f"datastore {out.datastore_bytes / 2**20:.1f} MiB built in {out.datastore_seconds:.2f}s")
+    else:
+        out = generate(model_cfg, params, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                       top_k=args.top_k, top_p=args.top_p, stop_tokens=stops, seed=args.seed)
     for prompt, toks in zip(prompts, out.tokens):
         text = tok.decode([t for t in toks if t not in stops])
         print(text if len(prompts) == 1 else f"--- {prompt!r}\n{text}")
@@ -308,6 +328,7 @@ def cmd_eval(args, overrides):
         if v:
             (cfg.train if k == "batch_size" else cfg.data)[k] = v
     cfg.train.eval_batches = args.max_batches
+    C.validate(cfg)  # --config.parallel.* overrides choose this run's mesh, whatever mesh wrote the checkpoint
     model_cfg = C.model_config(cfg)
     mesh = parallel.make_mesh(cfg.parallel)
     parallel.check_batch(cfg.train.batch_size, mesh)
@@ -357,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|end|> / <|endoftext|>")
+    p.add_argument("--long-input", metavar="FILE",
+                   help="input of any length (FILE's text, then --prompt) read with retrieval attention; "
+                        "settings: --config.model.attention.retrieval.top_k=... (jaxlm.infer.retrieval)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("train", help="train a model (language modelling; chat data trains on assistant turns)",
@@ -417,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     p.add_argument("--out", help="append the results as one JSON line to this file")
     add_distributed_args(p)
-    p.set_defaults(func=cmd_eval)
+    p.set_defaults(func=cmd_eval, takes_overrides=True)  # --config.parallel.fsdp=8 etc. pick the mesh
 
     from jaxlm.scaling.cli import add_commands as add_fit_commands
 
@@ -431,14 +455,14 @@ def main(argv=None):
     if getattr(args, "help_config", False):
         print_config_help()
         return 0
-    if extra and not hasattr(args, "config"):
+    if extra and not (hasattr(args, "config") or getattr(args, "takes_overrides", False)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from jaxlm.checkpoint import CheckpointError
     from jaxlm.convert.hf import ConversionError
     from jaxlm.data.sources import DataError
     from jaxlm.data.tokenizer import TokenizerError
     from jaxlm.model.config import ConfigError
-    from jaxlm.scaling.fitting import ScalingError
+    from jaxlm.scaling.errors import ScalingError
     from jaxlm.train.loop import TrainingError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
