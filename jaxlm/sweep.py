@@ -213,22 +213,40 @@ def run(s, console) -> Path:
     return results
 
 
+LAUNCH_HEADER = {
+    "tpu": ': "${TPU_NAME:?the TPU (launch/tpu_pod.sh --name)}" "${TPU_ZONE:?its zone}" '
+           '"${TPU_RUN:?the --run-name that launch/tpu_pod.sh setup printed}" "${GCS:?gs://bucket/path for logs and checkpoints}"\n'
+           'TPU_ARGS=(${TPU_ARGS:-})  # more launch/tpu_pod.sh options, e.g. TPU_ARGS="--project P --internal-ip"',
+    "slurm": 'SLURM_ARGS=(${SLURM_ARGS:---nodes 1 --gpus-per-node 8})  # e.g. SLURM_ARGS="--nodes 2 --partition gpu"',
+}
+
+
 def launch_commands(s, target: str, sweep_file: str) -> list[str]:
-    """One launcher command per unfinished run, for `launch/tpu_pod.sh` or `launch/gpu_slurm.sh`."""
+    """One launcher command per unfinished run: `launch/tpu_pod.sh train` (runs one after another on a
+    TPU set up once, logs and checkpoints under $GCS) or `launch/gpu_slurm.sh` (one job per run).
+    The runs train exactly as `jaxlm sweep run` would; their rows are written by `sweep run` only, so
+    evaluate them there (it skips nothing it has no row for) or read each run's metrics.jsonl."""
     import shlex
 
+    if target not in LAUNCH_HEADER:
+        raise ValueError(f"unknown launch target {target!r} (tpu, slurm)")
     done = finished(Path(s.dir) / "results.jsonl")
-    script = {"tpu": "launch/tpu_pod.sh run", "slurm": "launch/gpu_slurm.sh"}[target]
     cmds = []
     for point in s.points:
         name = run_name(point)
         if name in done:
             continue
-        args = ["jaxlm", s.command, "--config", s.base]
-        for field, value in list(s.get("fixed", ())) + overrides(point):
-            args.append(f"--config.{field}={_text(value)}")
-        args.append(f"--config.log.dir={Path(s.dir) / name}")
+        args = [f"--config.{field}={_text(value)}" for field, value in list(s.get("fixed", ())) + overrides(point)]
         if s.get("init"):
             args += ["--init", s.init]
-        cmds.append(f"{script} -- {shlex.join(args)}  # sweep {s.name} ({sweep_file}) run {name}")
+        run_dir = Path(s.dir) / name
+        if target == "tpu":
+            head = (f'launch/tpu_pod.sh train "${{TPU_ARGS[@]}}" --name "$TPU_NAME" --zone "$TPU_ZONE" --run-name "$TPU_RUN" --gcs "$GCS" '
+                    f"--command {s.command} --config {shlex.quote(s.base)} -- ")
+            dirs = f'"--config.log.dir=$GCS/{run_dir}" "--config.checkpoint.dir=$GCS/{run_dir}/checkpoints"'
+        else:
+            head = f'launch/gpu_slurm.sh "${{SLURM_ARGS[@]}}" --job-name {shlex.quote(name)} --command {s.command} -- '
+            head += f"--config {shlex.quote(s.base)} "
+            dirs = shlex.quote(f"--config.log.dir={run_dir}")
+        cmds.append(f"{head}{shlex.join(args)} {dirs}  # sweep {s.name} ({sweep_file}) run {name}")
     return cmds

@@ -20,6 +20,7 @@ options:
   --account A          SLURM account
   --time T             time limit (default 24:00:00)
   --job-name NAME      (default jaxlm)
+  --command CMD        the jaxlm subcommand every task runs: train (default) or align
   --logs DIR           DIR/slurm-JOBID.out (the batch log) and DIR/slurm-JOBID/task-N.log
                        (one per task); default launch_logs
   --env FILE           file each job sources before running (e.g. .venv/bin/activate)
@@ -28,7 +29,7 @@ options:
   --dry-run            print the commands, submit nothing
   -h, --help           this help
 
-Everything after `--` goes to `jaxlm train` (--config FILE and overrides). The checkpoint and log
+Everything after `--` goes to `jaxlm train` (or --command's subcommand): --config FILE, overrides, --init. The checkpoint and log
 directories must be on storage every node sees (a shared file system or gs://).
 EOF
 }
@@ -43,7 +44,7 @@ show() {  # the command as one copy-pasteable line: words quoted only when they 
 }
 
 nodes=2 gpus=8 per_gpu=0 partition="" account="" time_limit="24:00:00" job_name=jaxlm logs="" env_file=""
-port="" dry=0
+port="" dry=0 command=train
 extra=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -54,6 +55,7 @@ while [[ $# -gt 0 ]]; do
     --account) account="$2"; shift 2 ;;
     --time) time_limit="$2"; shift 2 ;;
     --job-name) job_name="$2"; shift 2 ;;
+    --command) command="$2"; shift 2 ;;
     --logs) logs="$2"; shift 2 ;;
     --env) env_file="$2"; shift 2 ;;
     --port) port="$2"; shift 2 ;;
@@ -66,6 +68,7 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 [[ $# -gt 0 ]] || die "no jaxlm train arguments after -- (at least --config FILE)"
+[[ "$command" == train || "$command" == align ]] || die "--command must be train or align, got '$command'"
 for v in "$nodes" "$gpus"; do [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "expected a positive integer, got '$v'"; done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -78,7 +81,7 @@ sb=(sbatch --job-name="$job_name" --nodes="$nodes" --ntasks-per-node="$tasks_per
 [[ -n "$partition" ]] && sb+=(--partition="$partition")
 [[ -n "$account" ]] && sb+=(--account="$account")
 sb+=("${extra[@]}")
-exports="ALL,JAXLM_LOG_ROOT=$logs"
+exports="ALL,JAXLM_LOG_ROOT=$logs,JAXLM_COMMAND=$command"
 [[ -n "$env_file" ]] && exports+=",JAXLM_ENV=$(cd "$(dirname "$env_file")" && pwd)/$(basename "$env_file")"
 [[ -n "$port" ]] && exports+=",JAXLM_PORT=$port"
 sb+=(--export="$exports")
@@ -87,7 +90,7 @@ sb+=("$here/gpu_slurm.sbatch" "$@")
 if (( dry )); then
   echo "+ $(show "${sb[@]}")"
   echo "# $nodes node(s) x $tasks_per_node task(s) = $((nodes * tasks_per_node)) processes; in the job:"
-  JAXLM_DRY_RUN=1 JAXLM_LOG_ROOT="$logs" JAXLM_PORT="$port" JAXLM_ENV="" bash "$here/gpu_slurm.sbatch" "$@"
+  JAXLM_DRY_RUN=1 JAXLM_LOG_ROOT="$logs" JAXLM_COMMAND="$command" JAXLM_PORT="$port" JAXLM_ENV="" bash "$here/gpu_slurm.sbatch" "$@"
   exit 0
 fi
 command -v sbatch >/dev/null || die "sbatch not found: run this on a SLURM login node"

@@ -43,6 +43,7 @@ options:
   --wheel FILE         install this wheel instead of copying a working tree
   --pip "PKGS"         extra packages installed with jaxlm[tpu] (default: "gcsfs google-cloud-storage",
                        the gs:// backends of Orbax/etils and TensorBoard)
+  --command CMD        the jaxlm subcommand the workers run: train (default) or align
   --config SPEC        jaxlm config: a local .py file (copied to the workers) or a packaged name,
                        optionally :ARG
   --gcs DIR            gs://bucket/path: log.dir = DIR/RUN, checkpoint.dir = DIR/RUN/checkpoints
@@ -53,7 +54,7 @@ options:
   --dry-run            print the commands, run nothing
   -h, --help           this help
 
-Everything after `--` is passed to `jaxlm train` (config overrides, --resume).
+Everything after `--` is passed to `jaxlm train` (or --command's subcommand): overrides, --resume, --init.
 EOF
 }
 
@@ -72,6 +73,7 @@ name="" zone="" project="" type="" version="" queued=0 slices=1 spot=0
 source_dir="" wheel="" pip_extra="gcsfs google-cloud-storage" config="" gcs="" run="" logs=""
 detach=0 internal_ip=0 dry=0 run_given=""
 train_args=()
+command=train
 need_arg() { [[ $# -ge 2 && -n "$2" ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -87,6 +89,7 @@ while [[ $# -gt 0 ]]; do
     --wheel) need_arg "$@"; wheel="$2"; shift 2 ;;
     --pip) [[ $# -ge 2 ]] || die "--pip needs a value ('' for none)"; pip_extra="$2"; shift 2 ;;
     --config) need_arg "$@"; config="$2"; shift 2 ;;
+    --command) need_arg "$@"; command="$2"; shift 2 ;;
     --gcs) need_arg "$@"; gcs="${2%/}"; shift 2 ;;
     --run-name) need_arg "$@"; run="$2"; run_given="$2"; shift 2 ;;
     --logs) need_arg "$@"; logs="$2"; shift 2 ;;
@@ -103,6 +106,7 @@ done
 [[ -n "$zone" ]] || die "--zone is required"
 [[ "$slices" =~ ^[1-9][0-9]*$ ]] || die "--num-slices must be a positive integer, got '$slices'"
 if (( slices > 1 )); then queued=1; fi
+[[ "$command" == train || "$command" == align ]] || die "--command must be train or align, got '$command'"
 if [[ -z "$run" ]]; then
   [[ "$action" == train ]] && die "train needs --run-name (the one setup printed); 'up' makes one"
   run="$name-$(date +%Y%m%d-%H%M%S)"
@@ -255,7 +259,7 @@ train_command() {  # the jaxlm command every worker of slice $1 runs
   local cfile="${config%%:*}"
   [[ -n "$config" ]] || die "train needs --config"
   if [[ -f "$cfile" ]]; then spec="$(basename "$cfile")${config#"$cfile"}"; fi
-  local args=(jaxlm train --config "$spec")
+  local args=(jaxlm "$command" --config "$spec")
   if [[ -n "$gcs" ]]; then
     [[ "$gcs" == gs://* ]] || die "--gcs must be a gs:// path, got '$gcs'"
     args+=("--config.log.dir=$gcs/$run" "--config.checkpoint.dir=$gcs/$run/checkpoints")

@@ -1,11 +1,18 @@
 """Sweeps: grid expansion, run-and-record, resume without redoing finished runs, launch commands."""
 
 import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from conftest import tiny_config, write_config
 
 from jaxlm import sweep
 from jaxlm.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_sweep(tmp_path, base, record="lm"):
@@ -52,12 +59,32 @@ def test_run_records_and_skips_finished_runs(tmp_path, capsys):
     assert "# generated" in out.read_text() and "jaxlm train" not in out.read_text()  # all done: nothing left
 
 
-def test_launch_commands_for_unfinished_runs(tmp_path):
-    s = sweep.load(str(write_sweep(tmp_path, "configs/quickstart.py")))
-    cmds = sweep.launch_commands(s, "tpu", "sweep.py")
-    assert len(cmds) == 2 and cmds[0].startswith("launch/tpu_pod.sh")
-    assert "jaxlm train --config configs/quickstart.py" in cmds[0] and "--config.train.lr=0.001" in cmds[0]
-    assert "--config.log.dir=" in cmds[1]
+@pytest.mark.parametrize("target", ["tpu", "slurm"])
+def test_launch_script_runs_each_point_through_the_launcher(tmp_path, target):
+    """The generated script, run with the launchers' --dry-run, starts `jaxlm align` per unfinished run
+    with the sweep's base config, overrides and --init, each run in its own log directory."""
+    path = write_sweep(tmp_path, "configs/dpo.py").read_text().replace('"train", ""', '"align", "runs/sft"')
+    (tmp_path / "sweep.py").write_text(path)
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "results.jsonl").write_text(json.dumps({"run": "small-lr0.001"}) + "\n")
+    script = tmp_path / "launch.sh"
+    assert main(["sweep", "launch", str(tmp_path / "sweep.py"), "--target", target, "--out", str(script)]) == 0
+    env = {**os.environ, "TPU_NAME": "pod", "TPU_ZONE": "us-east5-a", "TPU_RUN": "r1", "GCS": "gs://b/x",
+           "TPU_ARGS": "--dry-run", "SLURM_ARGS": "--dry-run --nodes 2"}
+    out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout + out.stderr
+    assert "small-lr0.001" not in text  # finished: not launched
+    assert "align --config" in text and "dpo.py" in text and "--config.train.lr=0.003" in text
+    assert "--config.model.num_layers=1" in text and "--init runs/sft" in text
+    log_dir = f"gs://b/x/{tmp_path}/sweep/small-lr0.003" if target == "tpu" else f"{tmp_path}/sweep/small-lr0.003"
+    assert f"--config.log.dir={log_dir}" in text
+    if target == "slurm":
+        assert "--nodes=2" in text
+    env.pop("TPU_NAME")
+    if target == "tpu":  # the header names what is missing
+        out = subprocess.run(["bash", str(script)], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert out.returncode != 0 and "TPU_NAME" in out.stderr
 
 
 def test_family_shares_from_a_mixture_spec():
