@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import tiny_config, write_config
 
 from jaxlm import sweep
