@@ -98,7 +98,7 @@ def cmd_generate(args, overrides):
 
     if args.checkpoint:
         model_cfg, params, spec = model_from_checkpoint(args.checkpoint)
-        if args.long_input and overrides:  # retrieval settings: --config.model.attention.retrieval.top_k=32
+        if overrides:  # model settings: --config.model.attention.retrieval.top_k=32, ...s2.compressed_cache=false
             from jaxlm import config as C
 
             if any(not o.startswith("--config.model.") for o in overrides if o.startswith("--")):
@@ -151,9 +151,34 @@ def cmd_generate(args, overrides):
     for prompt, toks in zip(prompts, out.tokens):
         text = tok.decode([t for t in toks if t not in stops])
         print(text if len(prompts) == 1 else f"--- {prompt!r}\n{text}")
+    if out.cache_layers:
+        print_cache_report(out.cache_layers, out.cache_full_layer, per_layer=args.kv_report)
     console.print(f"prefill {out.prompt_tokens} tokens in {out.prefill_seconds:.2f}s, "
                   f"decode {out.generated_tokens} tokens in {out.decode_seconds:.2f}s "
                   f"({out.generated_tokens / max(out.decode_seconds, 1e-9):.1f} tok/s, compile included)")
+
+
+def print_cache_report(layers, full_layer, per_layer=False):
+    """One line: the KV cache's size and, for S2 models, how much the compressed layers save; with
+    per_layer a table of every layer."""
+    from rich.table import Table
+
+    total = sum(b for _, _, b in layers)
+    kinds = {}
+    for i, kind, b in layers:
+        kinds.setdefault((kind, b), []).append(i)
+    parts = [f"{len(ix)} {kind} layer{'s' * (len(ix) > 1)} x {b / 2**20:.2f} MiB" for (kind, b), ix in kinds.items()]
+    line = f"KV cache {total / 2**20:.2f} MiB: " + ", ".join(parts)
+    if any(kind == "s2" for _, kind, _ in layers):
+        s2b = next(b for _, kind, b in layers if kind == "s2")
+        line += (f"; an S2 layer keeps {s2b / full_layer:.0%} of a full layer's cache, the model "
+                 f"{total / (full_layer * len(layers)):.0%} of a full cache")
+    console.print(line, soft_wrap=True)
+    if per_layer:
+        table = Table("layer", "attention", "KV cache MiB", "of full", title="KV cache per layer")
+        for i, kind, b in layers:
+            table.add_row(str(i), kind, f"{b / 2**20:.3f}", f"{b / full_layer:.0%}")
+        Console(stderr=True).print(table)
 
 
 # ----------------------------------------------------------------------------- train / eval
@@ -379,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-stop", action="store_true", help="do not stop at <|end|> / <|endoftext|>")
+    p.add_argument("--kv-report", action="store_true", help="print the KV cache's bytes per layer (S2: compressed)")
     p.add_argument("--long-input", metavar="FILE",
                    help="input of any length (FILE's text, then --prompt) read with retrieval attention; "
                         "settings: --config.model.attention.retrieval.top_k=... (jaxlm.infer.retrieval)")

@@ -56,3 +56,20 @@ def test_generate_from_fresh_config(capsys):
 def test_clear_errors(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err.replace("\n", "")
+
+
+def test_generate_reports_the_s2_cache_per_layer(capsys):
+    """Layer 1 dense (dense_every_n=2), layers 0 and 2 S2-compressed: the report's bytes are those of
+    the cache written out by hand (prompt bucket 16 + 496 new tokens = 512 positions, fp32, batch 1)."""
+    assert main(["generate", "--config", "configs/tiny.py", "--config.model.num_layers=3", "--prompt", "To be",
+                 "--max-new-tokens", "496", "--no-stop", "--kv-report", "--config.model.attention.impl=s2",
+                 "--config.model.attention.s2.block_size=16", "--config.model.attention.s2.local_blocks=1",
+                 "--config.model.attention.s2.vert_stride=4", "--config.model.attention.s2.dense_every_n=2"]) == 0
+    err = capsys.readouterr().err
+    hkv, hd = 2, 128 // 4
+    full = 2 * 512 * hkv * hd * 4  # K and V, 512 positions
+    slots = (32 // 4 + 1) + 1 + 1  # vertical blocks of 32 (stride 4) + 1, one ring block, one trash slot
+    s2 = 2 * hkv * slots * 16 * hd * 4
+    assert f"2 s2 layers x {s2 / 2**20:.2f} MiB, 1 dense layer x {full / 2**20:.2f} MiB" in err
+    assert f"an S2 layer keeps {s2 / full:.0%} of a full layer's cache" in err and s2 / full < 0.4
+    assert "KV cache per layer" in err and err.count(" s2 ") >= 2

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model import Decoder, ModelConfig, init_cache
+from jaxlm.model.s2 import full_layer_bytes, layer_cache_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +66,8 @@ class Generation:
     decode_seconds: float
     prompt_tokens: int
     generated_tokens: int
+    cache_layers: list = dataclasses.field(default_factory=list)  # [(layer, "full" | "dense" | "s2", KV bytes)]
+    cache_full_layer: int = 0  # KV bytes of one uncompressed layer of the same cache (batch x length)
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -187,7 +190,11 @@ class Generator:
                     break
             rows.append(row)
         return Generation(tokens=rows, finished=done.tolist(), prefill_seconds=t1 - t0, decode_seconds=t2 - t1,
-                          prompt_tokens=int(seg.sum()), generated_tokens=sum(len(r) for r in rows))
+                          prompt_tokens=int(seg.sum()), generated_tokens=sum(len(r) for r in rows),
+                          cache_layers=layer_cache_bytes(self.config, len(prompts), p_len + max_new_tokens,
+                                                         self.cache_dtype),
+                          cache_full_layer=full_layer_bytes(self.config, len(prompts), p_len + max_new_tokens,
+                                                            self.cache_dtype))
 
 
 @functools.lru_cache(maxsize=8)

@@ -152,11 +152,18 @@ def init_compressed(config: ModelConfig, batch: int, max_len: int, dtype) -> dic
     }
 
 
+def full_layer_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None) -> int:
+    """Bytes of one layer's uncompressed K and V cache."""
+    item = jnp.dtype(dtype or dtype_of(config.dtype)).itemsize
+    return 2 * batch * max_len * config.num_kv_heads * config.head_size * item
+
+
 def layer_cache_bytes(config: ModelConfig, batch: int, max_len: int, dtype=None) -> list[tuple[int, str, int]]:
-    """[(layer, "dense" | "s2", bytes of its K and V cache)] for decoding up to max_len tokens."""
+    """[(layer, "full" | "dense" | "s2", bytes of its K and V cache)] for decoding up to max_len tokens
+    ("full": no compressed cache in this model; "dense"/"s2": the dense and compressed layers of one)."""
     item = jnp.dtype(dtype or dtype_of(config.dtype)).itemsize
     hkv, hd = config.num_kv_heads, config.head_size
-    full = 2 * batch * max_len * hkv * hd * item
+    full = full_layer_bytes(config, batch, max_len, dtype)
     if not compressed(config):
         return [(i, "full", full) for i in range(config.num_layers)]
     _, _, ns = cache_layout(config, max_len)
