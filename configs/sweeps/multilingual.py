@@ -5,7 +5,8 @@ over three language families of ../shared/data/multilingual, each run evaluated 
     jaxlm fit multilingual runs/sweeps/multilingual/results.jsonl
 
 The Germanic share takes three values with the rest split evenly; two more mixtures hold Germanic at
-0.4 and move the Romance/Slavic split, for the independence check. A byte-level BPE is trained once
+0.4 and move the Romance/Slavic split, for the independence check, and two seed replicates of the 0.4
+mixture (smallest size, first budget) measure the run-to-run noise that check compares against. A byte-level BPE is trained once
 on the training text of all 12 languages.
 """
 
@@ -19,7 +20,7 @@ FAMILIES = {"Germanic": ("en", "de", "nl", "sv"), "Romance": ("fr", "es", "pt_BR
 HELD_OUT = 80  # last records of each language file
 SIZES = {"xs": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_heads=2, num_kv_heads=1),
          "s": dict(hidden_size=128, intermediate_size=384, num_layers=3, num_heads=4, num_kv_heads=2)}
-STEPS = (150,)
+STEPS = (150, 300)  # two token budgets: the law's D term needs at least two
 
 
 def mixture(shares: dict) -> str:
@@ -56,9 +57,18 @@ def get_config():
                ("data.eval", ", ".join(f"{ML}/{x}.jsonl[-{HELD_OUT}:]" for x in langs)), ("data.group_field", "family"),
                ("train.batch_size", 16), ("train.lr", 3e-3), ("train.warmup_steps", 15), ("train.eval_batches", 0),
                ("log.sample_prompt", ""), ("checkpoint.keep", 1))
-    sizes = named({name: {f"model.{k}": v for k, v in m.items()} for name, m in SIZES.items()})
+    def size(name):
+        return {f"model.{k}": v for k, v in SIZES[name].items()}
+
+    def budget(steps):
+        return {"train.steps": steps, "train.eval_every": steps, "checkpoint.every": steps}
+
+    sizes = named({name: size(name) for name in SIZES})
     mixes = named({name: {"data.train": mixture(shares)} for name, shares in MIXTURES.items()})
-    budgets = named({f"t{steps}": {"train.steps": steps, "train.eval_every": steps, "checkpoint.every": steps}
-                     for steps in STEPS})
-    s.points = product(sizes, budgets, mixes)
+    budgets = named({f"t{steps}": budget(steps) for steps in STEPS})
+    # seed replicates of one mixture: the independence check's noise comes from them (an F test)
+    reps = named({f"g0.4-seed{k}": {"data.train": mixture(MIXTURES["g0.4"]), "train.seed": k} for k in (1, 2)})
+    smallest = named({"xs": size("xs")})
+    first = named({f"t{STEPS[0]}": budget(STEPS[0])})
+    s.points = product(sizes, budgets, mixes) + product(smallest, first, reps)
     return s
