@@ -36,6 +36,7 @@ except ImportError:  # the jax entry point raises a clear error when called
 NEG = -1e30
 
 if triton is not None:
+    NEG = tl.constexpr(NEG)  # compiled kernels may read module globals only as constexpr (the interpreter allows any)
 
     @triton.jit
     def _scores(q, k, qpos, kpos, qseg, kseg, scale, T: tl.constexpr, CAUSAL: tl.constexpr):
