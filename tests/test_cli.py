@@ -61,10 +61,11 @@ def test_clear_errors(argv, message, capsys):
 def test_generate_reports_the_s2_cache_per_layer(capsys):
     """Layer 1 dense (dense_every_n=2), layers 0 and 2 S2-compressed: the report's bytes are those of
     the cache written out by hand (prompt bucket 16 + 496 new tokens = 512 positions, fp32, batch 1)."""
-    assert main(["generate", "--config", "configs/tiny.py", "--config.model.num_layers=3", "--prompt", "To be",
-                 "--max-new-tokens", "496", "--no-stop", "--kv-report", "--config.model.attention.impl=s2",
-                 "--config.model.attention.s2.block_size=16", "--config.model.attention.s2.local_blocks=1",
-                 "--config.model.attention.s2.vert_stride=4", "--config.model.attention.s2.dense_every_n=2"]) == 0
+    argv = ["generate", "--config", "configs/tiny.py", "--config.model.num_layers=3", "--prompt", "To be",
+            "--max-new-tokens", "496", "--no-stop", "--kv-report", "--config.model.attention.impl=s2",
+            "--config.model.attention.s2.block_size=16", "--config.model.attention.s2.local_blocks=1",
+            "--config.model.attention.s2.vert_stride=4", "--config.model.attention.s2.dense_every_n=2"]
+    assert main(argv) == 0
     err = capsys.readouterr().err
     hkv, hd = 2, 128 // 4
     full = 2 * 512 * hkv * hd * 4  # K and V, 512 positions
@@ -73,3 +74,7 @@ def test_generate_reports_the_s2_cache_per_layer(capsys):
     assert f"2 s2 layers x {s2 / 2**20:.2f} MiB, 1 dense layer x {full / 2**20:.2f} MiB" in err
     assert f"an S2 layer keeps {s2 / full:.0%} of a full layer's cache" in err and s2 / full < 0.4
     assert "KV cache per layer" in err and err.count(" s2 ") >= 2
+    # 16 + 8 positions: the compressed layout (4 slots of 16) would be larger, so the full cache is used
+    argv = [a if a != "496" else "8" for a in argv]
+    assert main(argv) == 0
+    assert f"KV cache {3 * 2 * 24 * hkv * hd * 4 / 2**20:.2f} MiB: 3 full layers" in capsys.readouterr().err

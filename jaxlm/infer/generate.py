@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.model import Decoder, ModelConfig, init_cache
-from jaxlm.model.s2 import full_layer_bytes, layer_cache_bytes
+from jaxlm.model.s2 import cache_config, full_layer_bytes, layer_cache_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +204,8 @@ def _generator(config: ModelConfig, sampling: Sampling) -> Generator:
 
 def generate(config: ModelConfig, params, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, stop_tokens: Sequence[int] = (), seed: int = 0) -> Generation:
-    """Sample continuations of token-id prompts. Reuses compiled functions across calls."""
-    gen = _generator(config, Sampling(temperature, top_k, top_p))
+    """Sample continuations of token-id prompts. Reuses compiled functions across calls. An S2 model
+    decodes with its compressed KV cache unless the full cache is smaller at this length."""
+    max_len = _bucket(max((len(p) for p in prompts), default=1)) + max_new_tokens
+    gen = _generator(cache_config(config, max_len), Sampling(temperature, top_k, top_p))
     return gen.generate(params, prompts, max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, seed=seed)

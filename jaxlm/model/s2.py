@@ -17,6 +17,7 @@ the scan's carry with per-layer slot tables.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -60,6 +61,19 @@ def slot_tables(config: ModelConfig):
 def compressed(config: ModelConfig) -> bool:
     s = config.attention.s2
     return config.attention.impl == "s2" and s.compressed_cache and s.num_dense_heads == 0
+
+
+def cache_config(config: ModelConfig, max_len: int) -> ModelConfig:
+    """`config`, or the same model decoding with its full cache when the compressed one would not be
+    smaller at max_len (short generations: the ring, vertical and spare slots outnumber the positions).
+    Both caches give the same tokens; only memory differs."""
+    if not compressed(config):
+        return config
+    _, _, ns = cache_layout(config, max_len)
+    if ns * config.attention.s2.block_size < max_len:
+        return config
+    return config.replace(attention=dataclasses.replace(
+        config.attention, s2=dataclasses.replace(config.attention.s2, compressed_cache=False)))
 
 
 def block_allowed(config: ModelConfig, qb, kb):
