@@ -35,13 +35,6 @@ EOF
 }
 
 die() { echo "gpu_slurm.sh: $*" >&2; exit 2; }
-show() {  # the command as one copy-pasteable line: words quoted only when they need it
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+="$w "; else out+="'${w//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
 
 nodes=2 gpus=8 per_gpu=0 partition="" account="" time_limit="24:00:00" job_name=jaxlm logs="" env_file=""
 port="" dry=0 command=train
@@ -72,6 +65,8 @@ done
 for v in "$nodes" "$gpus"; do [[ "$v" =~ ^[1-9][0-9]*$ ]] || die "expected a positive integer, got '$v'"; done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
+source "$here/common.sh"
 tasks_per_node=1
 (( per_gpu )) && tasks_per_node="$gpus"
 logs="${logs:-launch_logs}"

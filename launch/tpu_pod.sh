@@ -117,6 +117,8 @@ if [[ -z "$run_given" && ( "$action" == logs || "$action" == stop ) ]]; then
 fi
 logs="${logs:-launch_logs/$run}"
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=launch/common.sh
+source "$here/common.sh"
 source_dir="${source_dir:-$(dirname "$here")}"
 
 gflags=(--zone="$zone")
@@ -133,13 +135,6 @@ fi
 rdir="jaxlm/$run"  # relative to the remote home directory
 
 # ----------------------------------------------------------------------------- helpers
-show() {  # the command as one copy-pasteable line: words quoted only when they need it
-  local out="" w
-  for w in "$@"; do
-    if [[ "$w" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+="$w "; else out+="'${w//\'/\'\\\'\'}' "; fi
-  done
-  echo "${out% }"
-}
 run_cmd() {  # print, then run unless --dry-run
   echo "+ $(show "$@")" >&2
   if (( ! dry )); then "$@"; fi
