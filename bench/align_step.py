@@ -47,16 +47,18 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     args = ap.parse_args()
 
-    from jaxlm import config as C
+    import dataclasses
+
+    from jaxlm import config as run_config
     from jaxlm import parallel
     from jaxlm.align.data import PrefConfig, load_pairs, make_rows
     from jaxlm.align.train import make_loss_fn
+    from jaxlm.data.pipeline import BATCH_KEYS
     from jaxlm.data.tokenizer import load_tokenizer
     from jaxlm.train.loop import initial_params, make_trainer
 
-    cfg = C.load(args.config)
-    cfg.train.update(batch_size=args.pairs, warmup_steps=0)
-    model_cfg = C.model_config(cfg)
+    cfg = run_config.load(args.config, [f"--config.train.batch_size={args.pairs}", "--config.train.warmup_steps=0"])
+    model_cfg = cfg.model
     tok = load_tokenizer(cfg.data.tokenizer)
     with tempfile.TemporaryDirectory() as d:
         synthetic(Path(d) / "p.jsonl", 4 * args.pairs)
@@ -64,7 +66,7 @@ def main():
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     n = args.pairs
     rows = [make_rows(pairs, np.arange(i * n, (i + 1) * n), cfg.data.seq_len) for i in range(4)]
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+    keys = BATCH_KEYS
     pref_batches = [{k: r[k] for k in keys + ("lengths",)} | {"ref_logps": np.zeros(2 * n, np.float32)} for r in rows]
     lm_batches = [{k: r[k][j::2] for k in keys} for r in rows for j in (0, 1)]
 
@@ -81,9 +83,9 @@ def main():
     results = {}
     ref = initial_params(model_cfg, 1, mesh, cfg.parallel.rules)
     for mode in ("precomputed", "checkpoint"):
-        cfg.align.reference = mode
+        align = dataclasses.replace(cfg.align, reference=mode)
         frozen_sh = jax.tree.map(lambda x: x.sharding, ref) if mode == "checkpoint" else None
-        tr = make_trainer(model_cfg, cfg, mesh, loss_fn=make_loss_fn(model_cfg, cfg.align, cfg.train.loss_chunk),
+        tr = make_trainer(model_cfg, cfg, mesh, loss_fn=make_loss_fn(model_cfg, align, cfg.train.loss_chunk),
                           frozen_shardings=frozen_sh)
         state = tr.init_state()
 

@@ -18,17 +18,20 @@ def main():
     ap.add_argument("--train-steps", type=int, default=5)
     args = ap.parse_args()
 
-    from jaxlm import config as C
+    import dataclasses
+
+    from jaxlm import config as run_config
     from jaxlm import parallel
-    from jaxlm.data.pipeline import DataConfig, TrainData
+    from jaxlm.data.pipeline import BATCH_KEYS, TrainData
+    from jaxlm.data.tokenizer import load_tokenizer
     from jaxlm.train.loop import make_trainer
 
-    cfg = C.load(args.config)
+    cfg = run_config.load(args.config)
+    tok = load_tokenizer(cfg.data.tokenizer)
     b, t = cfg.train.batch_size, cfg.data.seq_len
     rows = {}
     for prefetch in (0, cfg.data.prefetch):
-        cfg.data.prefetch = prefetch
-        data = TrainData(DataConfig.from_config(cfg.data, cfg.data.train), b, 1, 0)
+        data = TrainData(dataclasses.replace(cfg.data, prefetch=prefetch), cfg.data.train, tok, b, 1, 0)
         it = data.iterator()
         next(it)  # open files, first tokenisation
         t0 = time.perf_counter()
@@ -40,12 +43,10 @@ def main():
         rows[f"pipeline (prefetch {prefetch})"] = (args.batches * b * t / dt, real / (args.batches * b * t))
 
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    tr = make_trainer(C.model_config(cfg), cfg, mesh)
+    tr = make_trainer(cfg.model, cfg, mesh)
     state = tr.init_state()
-    cfg.data.prefetch = 0
-    it = TrainData(DataConfig.from_config(cfg.data, cfg.data.train), b, 1, 0).iterator()
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-    batches = [{k: v for k, v in next(it).items() if k in keys} for _ in range(args.train_steps + 1)]
+    it = TrainData(dataclasses.replace(cfg.data, prefetch=0), cfg.data.train, tok, b, 1, 0).iterator()
+    batches = [{k: v for k, v in next(it).items() if k in BATCH_KEYS} for _ in range(args.train_steps + 1)]
     state, m = tr(state, batches[0])
     jax.block_until_ready(m)
     t0 = time.perf_counter()

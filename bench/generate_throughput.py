@@ -32,13 +32,13 @@ def main():
     import torch
     import transformers
 
-    from jaxlm import config as C
+    from jaxlm import config as run_config
     from jaxlm.convert.hf import save_hf
     from jaxlm.infer.generate import Generator
     from jaxlm.model import init_params
 
     torch.set_num_threads(os.cpu_count())
-    cfg = C.model_config(C.load(args.config))
+    cfg = run_config.load(args.config).model
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(1, cfg.vocab_size, args.prompt_len)) for _ in range(args.batch)]

@@ -23,7 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SWEEP = ROOT / "configs/sweeps/multilingual.py"
+SWEEP = f"{ROOT / 'configs/sweeps/multilingual.py'}:{ROOT.parent / 'shared/data/multilingual'}"
 
 
 def main(argv=None):
@@ -36,7 +36,7 @@ def main(argv=None):
     from jaxlm import sweep
     from jaxlm.scaling import fitting, multilingual
 
-    s = sweep.load(str(SWEEP))
+    s = sweep.load(SWEEP)
     results = ROOT / s.dir / "results.jsonl" if not Path(s.dir).is_absolute() else Path(s.dir) / "results.jsonl"
     if not args.no_run:
         rc = subprocess.call([sys.executable, "-m", "jaxlm.cli", "sweep", "run", str(SWEEP)], cwd=ROOT)

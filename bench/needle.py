@@ -94,11 +94,11 @@ def full_prefill_bytes(gen, params, n):
     """Temporary + output (cache) bytes of the full-attention prefill of n tokens (compiled, not run)."""
     import jax.numpy as jnp
 
-    from jaxlm.infer.generate import _bucket
+    from jaxlm.infer.generate import bucket
 
-    tok = jax.ShapeDtypeStruct((1, _bucket(n)), jnp.int32)
-    cache = jax.eval_shape(lambda: gen.new_cache(1, _bucket(n) + 32))
-    m = gen._prefill.lower(params, tok, tok, tok, cache).compile().memory_analysis()
+    tok = jax.ShapeDtypeStruct((1, bucket(n)), jnp.int32)
+    cache = jax.eval_shape(lambda: gen.new_cache(1, bucket(n) + 32))
+    m = gen.prefill.lower(params, tok, tok, tok, cache).compile().memory_analysis()
     return m.temp_size_in_bytes + m.output_size_in_bytes
 
 
@@ -109,7 +109,7 @@ def retrieval_step_bytes(gen, params, ids, n_new):
     rctx, info = gen.datastore(params, ids, n_new)
     _, _, _, cache = gen._local(params, rctx, ids, info, n_new)
     one = jnp.zeros((1,), jnp.int32)
-    return gen._step.lower((params, rctx), cache, one, one).compile().memory_analysis().temp_size_in_bytes
+    return gen.step.lower((params, rctx), cache, one, one).compile().memory_analysis().temp_size_in_bytes
 
 
 def retrieval_variants(cfg):
@@ -223,7 +223,7 @@ def main(argv=None):
         if rc:
             return rc
     t1 = time.perf_counter()
-    from jaxlm.cli import model_from_checkpoint
+    from jaxlm.checkpoint import model_from_checkpoint
     from jaxlm.data.tokenizer import load_tokenizer
 
     cfg, params, spec = model_from_checkpoint(ckpt)

@@ -25,18 +25,19 @@ def sft_length(sft: str, sweep_file: str) -> float:
     """Mean response length of the SFT model sampled as record_align samples the policies."""
     from jaxlm import checkpoint, sweep
     from jaxlm.align import analysis
-    from jaxlm.cli import model_from_checkpoint
+    from jaxlm.checkpoint import model_from_checkpoint
+    from jaxlm.cli.align import sampler
     from jaxlm.data.tokenizer import load_tokenizer
 
     s = sweep.load(sweep_file)
     a = s.analysis
     cfg, params, spec = model_from_checkpoint(sft)
     tok = load_tokenizer(spec)
-    seed = sweep.run_config(s, s.points[0]).train.seed
+    seed = sweep.point_config(s, s.points[0]).train.seed
     prompts = analysis.read_prompts(a.prompts, tok, "prompt", a.n)
     ref = checkpoint.load_params(sft)
-    an = analysis.analyze(cfg, params, ref, prompts, max_new_tokens=a.max_new_tokens, samples=a.samples,
-                          stop_tokens=tok.stop_ids, seed=seed, max_prompt=a.get("max_prompt", 192))
+    an = analysis.analyze(cfg, params, ref, prompts, sampler(cfg, params, a.max_new_tokens, tok.stop_ids),
+                          samples=a.samples, stop_tokens=tok.stop_ids, seed=seed, max_prompt=a.get("max_prompt", 192))
     return an.summary()["len_mean"]
 
 
@@ -44,11 +45,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="?", default="runs/sweeps/po_robustness/results.jsonl")
     p.add_argument("--sft", help="the SFT checkpoint the sweep started from: measure its response length")
-    p.add_argument("--sweep", default=str(ROOT / "configs/sweeps/po_robustness.py"))
+    p.add_argument("--sweep", default=f"{ROOT / 'configs/sweeps/po_robustness.py'}:"
+                                      f"{ROOT.parent / 'shared/data/preference/hh_rlhf_harmless_test.jsonl'}")
     args = p.parse_args(argv)
     path = Path(args.results)
     if not path.is_file():
-        p.error(f"no results at {path}: run `jaxlm sweep run configs/sweeps/po_robustness.py` first")
+        p.error(f"no results at {path}: run `jaxlm sweep run configs/sweeps/po_robustness.py:PAIRS` first")
     rows = [json.loads(line) for line in open(path) if line.strip()]
     base = sft_length(args.sft, args.sweep) if args.sft else None
 

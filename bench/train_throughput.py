@@ -30,23 +30,21 @@ def main():
     import torch
     import transformers
 
-    from jaxlm import config as C
+    from jaxlm import config as run_config
     from jaxlm import parallel
     from jaxlm.convert.hf import save_hf
-    from jaxlm.data.pipeline import DataConfig, TrainData
+    from jaxlm.data.pipeline import BATCH_KEYS, TrainData
+    from jaxlm.data.tokenizer import load_tokenizer
     from jaxlm.train.loop import make_trainer
     from jaxlm.train.metrics import measured_matmul_flops
 
-    cfg = C.load(args.config)
-    if args.batch:
-        cfg.train.batch_size = args.batch
-    cfg.train.warmup_steps = 0
-    model_cfg = C.model_config(cfg)
+    overrides = ["--config.train.warmup_steps=0"] + ([f"--config.train.batch_size={args.batch}"] if args.batch else [])
+    cfg = run_config.load(args.config, overrides)
+    model_cfg = cfg.model
     b, t = cfg.train.batch_size, cfg.data.seq_len
-    data = TrainData(DataConfig.from_config(cfg.data, cfg.data.train), b, 1, 0)
+    data = TrainData(cfg.data, cfg.data.train, load_tokenizer(cfg.data.tokenizer), b, 1, 0)
     it = data.iterator()
-    keys = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
-    batches = [{k: v for k, v in next(it).items() if k in keys} for _ in range(args.steps + 2)]
+    batches = [{k: v for k, v in next(it).items() if k in BATCH_KEYS} for _ in range(args.steps + 2)]
     it.close()
 
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})

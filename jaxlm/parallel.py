@@ -7,9 +7,11 @@ about a particular model.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -17,10 +19,57 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxlm.model.config import ConfigError
+from jaxlm import schema
+from jaxlm.errors import ConfigError
+from jaxlm.schema import field
 
 log = logging.getLogger(__name__)
 MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or axes); for each array dimension the first rule whose mesh axes are
+# still unused in that array wins, so activations' 'embed' stays replicated when 'batch' took fsdp.
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("length", None),
+    ("head_dim", None),
+    ("layers", None),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    SECTION: ClassVar[str] = "parallel"
+    data: int = field(-1, "data-parallel mesh axis size (within a slice); -1 = the remaining devices", ge=-1)
+    fsdp: int = field(1, "fully-sharded (ZeRO-3) mesh axis size (within a slice); -1 = the remaining devices", ge=-1)
+    tensor: int = field(1, "tensor-parallel mesh axis size; -1 = the remaining devices", ge=-1)
+    dcn_data: int = field(1, "data-parallel factor across slices (TPU multislice) or node groups; the data "
+                             "axis is data*dcn_data", ge=1)
+    dcn_fsdp: int = field(1, "fsdp factor across slices or node groups; the fsdp axis is fsdp*dcn_fsdp", ge=1)
+    rules: tuple = field(DEFAULT_RULES, "logical axis -> mesh axes table (first unused match wins)")
+    coordinator_address: str = field("", "jax.distributed coordinator host:port ('' = auto-detect or single process)")
+    num_processes: int = field(0, "processes in the job (0 = auto-detect)", ge=0)
+    process_id: int = field(-1, "this process's index (-1 = auto-detect)", ge=-1)
+
+    def __post_init__(self):
+        schema.check(self)
+        for axis in MESH_AXES:
+            if getattr(self, axis) == 0:
+                raise ConfigError(f"parallel.{axis} must be -1 or >= 1, got 0")
+        if [self.data, self.fsdp, self.tensor].count(-1) > 1:
+            raise ConfigError("only one of parallel.data/fsdp/tensor may be -1")
+
+
+def _sizes(parallel_cfg) -> dict:
+    """The section as a plain dict (a ParallelConfig, a ConfigDict or a dict of sizes)."""
+    if dataclasses.is_dataclass(parallel_cfg):
+        return {f.name: getattr(parallel_cfg, f.name) for f in dataclasses.fields(parallel_cfg)}
+    return dict(parallel_cfg.items()) if isinstance(parallel_cfg, Mapping) or hasattr(parallel_cfg, "items") \
+        else dict(parallel_cfg)
 
 
 # ----------------------------------------------------------------------------- multi-host
@@ -147,6 +196,7 @@ def mesh_shape(sizes: dict[str, int], num_devices: int, where: str = "") -> tupl
 
 def dcn_shape(parallel_cfg) -> tuple[int, ...]:
     """The across-slice factor of each mesh axis (1 where the config has none)."""
+    parallel_cfg = _sizes(parallel_cfg)
     shape = []
     for a in MESH_AXES:
         v = parallel_cfg.get(DCN_FIELDS[a], 1) if a in DCN_FIELDS else 1
@@ -185,6 +235,7 @@ def device_grid(parallel_cfg, devices: Sequence) -> np.ndarray:
     contiguous groups of processes (GPU nodes, local processes) of equal size.
     """
     devices = list(devices)
+    parallel_cfg = _sizes(parallel_cfg)
     dcn = dcn_shape(parallel_cfg)
     n = int(np.prod(dcn))
     slices = _slices(devices)
@@ -271,6 +322,22 @@ class sharding_context:  # noqa: N801 - used as a context manager
     def __exit__(self, *exc):
         self._rules_cm.__exit__(*exc)
         self._mesh_cm.__exit__(*exc)
+
+
+def initialize_from(pa: ParallelConfig) -> bool:
+    """`initialize` with the parallel section's coordinator settings."""
+    return initialize(pa.coordinator_address or None, pa.num_processes or None, pa.process_id)
+
+
+def local_rows(batch: dict, rows: int | None = None, keys: Sequence[str] | None = None) -> dict:
+    """This process's share of a global batch that every process holds whole: rows
+    [p * rows / P, (p + 1) * rows / P) of each array (rows: the global row count, default the
+    arrays' length), optionally only `keys`."""
+    keys = list(keys) if keys is not None else list(batch)
+    rows = rows if rows is not None else len(batch[keys[0]])
+    per = rows // jax.process_count()
+    lo = jax.process_index() * per
+    return {k: batch[k][lo:lo + per] for k in keys}
 
 
 def global_batch(local: dict, mesh: Mesh) -> dict:

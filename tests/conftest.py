@@ -32,9 +32,9 @@ def shared_data():
 
 def tiny_config(tmp_path=None, **train):
     """The quickstart config shrunk for tests (2 layers, short rows, a few steps)."""
-    from jaxlm import config as C
+    from jaxlm import config as run_config
 
-    cfg = C.load("configs/quickstart.py")
+    cfg = run_config.load_dict("configs/quickstart.py")
     cfg.model.update(num_layers=2, hidden_size=64, intermediate_size=128)
     cfg.data.update(seq_len=64, prefetch=0)
     cfg.train.update(**{**dict(steps=4, batch_size=8, warmup_steps=2, eval_every=0, eval_batches=2), **train})
@@ -49,11 +49,11 @@ def write_config(cfg, path):
     """A config file that rebuilds `cfg` exactly (for `jaxlm` subprocesses)."""
     import json
 
-    from jaxlm import config as C
+    from jaxlm import config as run_config
 
-    text = json.dumps(json.dumps(C.to_dict(cfg)))
-    path.write_text(f"import json\nfrom jaxlm import config as C\n\n\ndef get_config():\n"
-                    f"    return C.from_dict(json.loads({text}))\n")
+    text = json.dumps(json.dumps(run_config.to_dict(cfg)))
+    path.write_text(f"import json\nfrom jaxlm import config as run_config\n\n\ndef get_config():\n"
+                    f"    return run_config.from_dict(json.loads({text}))\n")
     return path
 
 

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm import parallel
-from jaxlm.align import analysis
-from jaxlm.align import reference as R
+from jaxlm.align import analysis, reference
 from jaxlm.align.data import PrefConfig, load_pairs, make_rows, truncate
 from jaxlm.align.train import AlignTask, make_loss_fn
+from jaxlm.cli.align import sampler
 from jaxlm.data.sources import DataError
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.model import forward, init_params
@@ -88,11 +88,11 @@ def test_rows_interleave_pairs_and_mask_responses(tmp_path, tok):
 
 def test_precomputed_equals_in_step_and_naive_reference(tmp_path, tok):
     cfg = tiny_config()
-    model_cfg = C.model_config(cfg)
+    model_cfg = run_config.build(cfg).model
     params = init_params(model_cfg, jax.random.key(3))
     pairs = load_pairs(PrefConfig(str(synthetic_pairs(tmp_path / "s.jsonl", 10, 1)), 48, 24), tok)
     mesh = parallel.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-    pre = R.pair_logps(model_cfg, params, pairs, 4, 48, mesh, cfg.parallel.rules, 16)
+    pre = reference.pair_logps(model_cfg, params, pairs, 4, 48, mesh, cfg.parallel.rules, 16)
     for e in (0, 7, 9):  # naive: full log-softmax over the unpadded sequence
         for j, resp in enumerate((pairs.chosen[e], pairs.rejected[e])):
             seq = np.concatenate([pairs.prompts[e], resp])
@@ -107,9 +107,9 @@ def test_precomputed_equals_in_step_and_naive_reference(tmp_path, tok):
                                                 "lengths")}
     batch["ref_logps"] = jnp.asarray(pre[rows["index"], np.arange(16) % 2], jnp.float32)
     cfg.align.reference = "precomputed"
-    a = make_loss_fn(model_cfg, cfg.align, 16)(policy, batch, None)
+    a = make_loss_fn(model_cfg, run_config.build(cfg).align, 16)(policy, batch, None)
     cfg.align.reference = "checkpoint"
-    b = make_loss_fn(model_cfg, cfg.align, 16)(policy, batch, params)
+    b = make_loss_fn(model_cfg, run_config.build(cfg).align, 16)(policy, batch, params)
     assert abs(float(a[0]) - float(b[0])) < 1e-4 and float(a[1]) == 8
     for k in a[2]:
         assert abs(float(a[2][k]) - float(b[2][k])) < 1e-3, k
@@ -122,8 +122,8 @@ def test_preference_training_learns_held_out_pairs(tmp_path, loss, reference):
                     eval=str(synthetic_pairs(tmp_path / "eval.jsonl", 40, 3)), seq_len=48)
     cfg.align.update(loss=loss, beta=0.5, reference=reference, max_prompt_length=24, ref_cache_dir=str(tmp_path))
     cfg.train.update(eval_every=25, eval_batches=0)
-    out = train(cfg, task=AlignTask())
-    ev = out["eval"]
+    out = train(cfg, task=AlignTask(run_config.build(cfg)))
+    ev = out.eval
     assert ev["pairs"] == 40 and ev["rewards/accuracies"] > 0.9, ev
     if reference == "precomputed":
         assert len(list(tmp_path.glob("train.ref-*.npy"))) == 1  # cached in align.ref_cache_dir
@@ -131,15 +131,16 @@ def test_preference_training_learns_held_out_pairs(tmp_path, loss, reference):
 
 def test_kl_and_length_analysis(tmp_path, tok):
     cfg = tiny_config()
-    model_cfg = C.model_config(cfg)
+    model_cfg = run_config.build(cfg).model
     a_params = init_params(model_cfg, jax.random.key(0))
     b_params = init_params(model_cfg, jax.random.key(1))
     prompts = [tok.encode(p) for p in ("the king", "a storm at sea", "night")]
-    same = analysis.analyze(model_cfg, a_params, a_params, prompts, max_new_tokens=12, samples=2,
-                            stop_tokens=tok.stop_ids, seed=0)
+    sample = sampler(model_cfg, a_params, 12, tok.stop_ids)
+    same = analysis.analyze(model_cfg, a_params, a_params, prompts, sample, samples=2, stop_tokens=tok.stop_ids,
+                            seed=0)
     assert same.kl == 0.0 and same.samples_per_prompt == 2 and len(same.lengths) == 6
-    other = analysis.analyze(model_cfg, a_params, b_params, prompts, max_new_tokens=12, samples=2,
-                             stop_tokens=tok.stop_ids, seed=0)
+    other = analysis.analyze(model_cfg, a_params, b_params, prompts, sample, samples=2, stop_tokens=tok.stop_ids,
+                             seed=0)
     assert other.kl > 0.1  # KL of two different models is positive (and estimated from the same samples)
     assert np.array_equal(other.lengths, same.lengths)
     m, se = analysis.kl_estimate(np.array([[1.0, 3.0], [2.0, 2.0], [6.0, 4.0]]))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.align import losses as L
+from jaxlm.align import losses
 
 
 def np_logsig(x):
@@ -77,7 +77,7 @@ VARIANTS = {
     "aot": [{"label_smoothing": 0.1}], "aot_unpaired": [{"label_smoothing": 0.1}],
     "discopop": [{"discopop_tau": 0.5}],
 }
-CASES = [(n, kw) for n in L.NAMES for kw in [{}] + VARIANTS.get(n, [])]
+CASES = [(n, kw) for n in losses.NAMES for kw in [{}] + VARIANTS.get(n, [])]
 CASE_IDS = [n + "".join(f"-{k}={v}" for k, v in kw.items()) for n, kw in CASES]
 
 
@@ -93,16 +93,16 @@ def random_batch(seed=0, batch=64):
 
 
 def jax_loss(name, arrays, **kw):
-    return np.asarray(L.preference_loss(name, *(None if a is None else jnp.asarray(a) for a in arrays), **kw))
+    return np.asarray(losses.preference_loss(name, *(None if a is None else jnp.asarray(a) for a in arrays), **kw))
 
 
 def test_names_and_registry():
-    assert set(L.NAMES) == {"dpo", "ln_dpo", "ipo", "simpo", "hinge", "robust", "exo_pair", "nca_pair",
+    assert set(losses.NAMES) == {"dpo", "ln_dpo", "ipo", "simpo", "hinge", "robust", "exo_pair", "nca_pair",
                             "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired",
                             "discopop"}
-    assert L.REFERENCE_FREE == {"simpo"}
-    assert L.HYPERPARAMETERS["discopop"] == {"discopop_tau": 0.05}  # TRL's default
-    assert L.HYPERPARAMETERS["bco_pair"] == {"running_mean": 0.0}
+    assert losses.REFERENCE_FREE == {"simpo"}
+    assert losses.HYPERPARAMETERS["discopop"] == {"discopop_tau": 0.05}  # TRL's default
+    assert losses.HYPERPARAMETERS["bco_pair"] == {"running_mean": 0.0}
 
 
 @pytest.mark.parametrize("beta", [0.1, 2.0])
@@ -146,7 +146,7 @@ def test_huge_margins_stay_finite(name, kw, beta):
         np.testing.assert_allclose(got[1], beta * 1e4, rtol=1e-5)
 
     def total(sc, sr):
-        return L.preference_loss(name, sc, sr, jnp.asarray(ref), jnp.asarray(ref), ones, ones,
+        return losses.preference_loss(name, sc, sr, jnp.asarray(ref), jnp.asarray(ref), ones, ones,
                                  beta=beta, **kw).sum()
 
     grads = jax.grad(total, argnums=(0, 1))(jnp.asarray(s_c), jnp.asarray(s_r))
@@ -157,7 +157,7 @@ def test_huge_margins_stay_finite(name, kw, beta):
 def test_dpo_gradient_closed_form(beta):
     s_c, s_r, ref_c, ref_r, n_c, n_r = random_batch(seed=3)
     grad_c, grad_r = jax.grad(
-        lambda a, b: L.preference_loss("dpo", a, b, ref_c, ref_r, n_c, n_r, beta=beta).sum(), argnums=(0, 1)
+        lambda a, b: losses.preference_loss("dpo", a, b, ref_c, ref_r, n_c, n_r, beta=beta).sum(), argnums=(0, 1)
     )(jnp.asarray(s_c), jnp.asarray(s_r))
     delta = (s_c.astype(np.float64) - ref_c) - (s_r.astype(np.float64) - ref_r)
     want = -beta * np_sig(-beta * delta)
@@ -183,39 +183,39 @@ def test_simpo_runs_without_reference_and_ignores_it():
     free = jax_loss("simpo", [s_c, s_r, None, None, n_c, n_r], beta=2.0, gamma=0.5)
     with_ref = jax_loss("simpo", [s_c, s_r, ref_c, ref_r, n_c, n_r], beta=2.0, gamma=0.5)
     np.testing.assert_array_equal(free, with_ref)
-    metrics = L.preference_metrics(s_c, s_r, None, None, n_c, n_r, beta=2.0)
+    metrics = losses.preference_metrics(s_c, s_r, None, None, n_c, n_r, beta=2.0)
     np.testing.assert_allclose(metrics["rewards/chosen"], 2.0 * s_c.astype(np.float64).mean(), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", sorted(set(L.NAMES) - L.REFERENCE_FREE))
+@pytest.mark.parametrize("name", sorted(set(losses.NAMES) - losses.REFERENCE_FREE))
 def test_missing_reference_raises(name):
     s_c, s_r, _, ref_r, n_c, n_r = random_batch(seed=6)
     with pytest.raises(ValueError, match=f"'{name}' needs the reference"):
-        L.preference_loss(name, s_c, s_r, None, None, n_c, n_r, beta=0.1)
+        losses.preference_loss(name, s_c, s_r, None, None, n_c, n_r, beta=0.1)
     with pytest.raises(ValueError, match="needs the reference"):
-        L.preference_loss(name, s_c, s_r, None, ref_r, n_c, n_r, beta=0.1)
+        losses.preference_loss(name, s_c, s_r, None, ref_r, n_c, n_r, beta=0.1)
 
 
 def test_bad_names_and_hyperparameters_raise():
     s_c, s_r, ref_c, ref_r, n_c, n_r = random_batch(seed=7)
     args = (s_c, s_r, ref_c, ref_r, n_c, n_r)
     with pytest.raises(ValueError, match="unknown preference loss 'sigmoid'") as err:
-        L.preference_loss("sigmoid", *args, beta=0.1)
-    assert all(n in str(err.value) for n in L.NAMES)
+        losses.preference_loss("sigmoid", *args, beta=0.1)
+    assert all(n in str(err.value) for n in losses.NAMES)
     with pytest.raises(ValueError, match="label_smoothing=0.1 has no effect on preference loss 'hinge'"):
-        L.preference_loss("hinge", *args, beta=0.1, label_smoothing=0.1)
+        losses.preference_loss("hinge", *args, beta=0.1, label_smoothing=0.1)
     with pytest.raises(ValueError, match="gamma=1.0 has no effect"):
-        L.preference_loss("dpo", *args, beta=0.1, gamma=1.0)
+        losses.preference_loss("dpo", *args, beta=0.1, gamma=1.0)
     with pytest.raises(ValueError, match="takes no hyperparameter discopop_tau"):
-        L.preference_loss("dpo", *args, beta=0.1, discopop_tau=0.1)
+        losses.preference_loss("dpo", *args, beta=0.1, discopop_tau=0.1)
     with pytest.raises(ValueError, match="beta must be > 0"):
-        L.preference_loss("dpo", *args, beta=0.0)
+        losses.preference_loss("dpo", *args, beta=0.0)
     with pytest.raises(ValueError, match="robust needs 0 <= label_smoothing < 0.5"):
-        L.preference_loss("robust", *args, beta=0.1, label_smoothing=0.5)
+        losses.preference_loss("robust", *args, beta=0.1, label_smoothing=0.5)
     with pytest.raises(ValueError, match="'ln_dpo' normalises by length"):
-        L.preference_loss("ln_dpo", s_c, s_r, ref_c, ref_r, None, None, beta=0.1)
+        losses.preference_loss("ln_dpo", s_c, s_r, ref_c, ref_r, None, None, beta=0.1)
     # Losses that do not use the lengths run without them.
-    assert L.preference_loss("dpo", s_c, s_r, ref_c, ref_r, None, None, beta=0.1).shape == (64,)
+    assert losses.preference_loss("dpo", s_c, s_r, ref_c, ref_r, None, None, beta=0.1).shape == (64,)
 
 
 def test_sft_weight_adds_mean_token_nll_of_chosen():
@@ -224,16 +224,16 @@ def test_sft_weight_adds_mean_token_nll_of_chosen():
     base = jax_loss("ln_dpo", arrays, beta=0.1)
     rpo = jax_loss("ln_dpo", arrays, beta=0.1, sft_weight=0.7)
     np.testing.assert_allclose(rpo - base, 0.7 * -s_c.astype(np.float64) / np.maximum(n_c, 1), rtol=1e-5)
-    grad_sft = jax.grad(lambda a: L.sft_nll(a, n_c).sum())(jnp.asarray(s_c))
+    grad_sft = jax.grad(lambda a: losses.sft_nll(a, n_c).sum())(jnp.asarray(s_c))
     np.testing.assert_allclose(np.asarray(grad_sft), -1.0 / n_c, rtol=1e-6)
 
 
-@pytest.mark.parametrize("name,kw", [(n, {}) for n in L.NAMES] + [("simpo", {"gamma": 0.5})])
+@pytest.mark.parametrize("name,kw", [(n, {}) for n in losses.NAMES] + [("simpo", {"gamma": 0.5})])
 def test_jit_matches_eager(name, kw):
     s_c, s_r, ref_c, ref_r, n_c, n_r = random_batch(seed=9, batch=8)
-    if name in L.REFERENCE_FREE:
+    if name in losses.REFERENCE_FREE:
         ref_c = ref_r = None
-    fn = jax.jit(functools.partial(L.preference_loss, name, beta=0.3, sft_weight=0.1, **kw))
+    fn = jax.jit(functools.partial(losses.preference_loss, name, beta=0.3, sft_weight=0.1, **kw))
     np.testing.assert_allclose(np.asarray(fn(s_c, s_r, ref_c, ref_r, n_c, n_r)),
                                jax_loss(name, [s_c, s_r, ref_c, ref_r, n_c, n_r], beta=0.3, sft_weight=0.1,
                                         **kw), rtol=1e-6, atol=1e-6)
@@ -241,7 +241,7 @@ def test_jit_matches_eager(name, kw):
 
 def test_bf16_inputs_are_computed_in_float32():
     s_c, s_r, ref_c, ref_r, n_c, n_r = (jnp.asarray(a) for a in random_batch(seed=10))
-    got = L.preference_loss("dpo", s_c.astype(jnp.bfloat16), s_r, ref_c, ref_r, n_c, n_r, beta=0.1)
+    got = losses.preference_loss("dpo", s_c.astype(jnp.bfloat16), s_r, ref_c, ref_r, n_c, n_r, beta=0.1)
     assert got.dtype == jnp.float32
 
 
@@ -254,7 +254,7 @@ METRIC_INPUTS = dict(
 
 def test_metrics_by_hand():
     # rho_c = [1, 1, 0], rho_r = [-1, 2, 0]; the third pair is a tie (not counted as correct).
-    m = jax.jit(functools.partial(L.preference_metrics, beta=0.5))(**METRIC_INPUTS)
+    m = jax.jit(functools.partial(losses.preference_metrics, beta=0.5))(**METRIC_INPUTS)
     want = {
         "rewards/chosen": 0.5 * 2 / 3, "rewards/rejected": 0.5 * 1 / 3, "rewards/accuracies": 1 / 3,
         "rewards/margins": 0.5 * 1 / 3, "logps/chosen": -35 / 3, "logps/rejected": -34 / 3,
@@ -267,7 +267,7 @@ def test_metrics_by_hand():
 
 def test_metrics_reference_free_take_reference_as_zero():
     inputs = dict(METRIC_INPUTS, ref_chosen_logps=None, ref_rejected_logps=None)
-    m = L.preference_metrics(**inputs, beta=0.5)
+    m = losses.preference_metrics(**inputs, beta=0.5)
     np.testing.assert_allclose(float(m["rewards/chosen"]), 0.5 * -35 / 3, rtol=1e-6)
     np.testing.assert_allclose(float(m["rewards/rejected"]), 0.5 * -34 / 3, rtol=1e-6)
     np.testing.assert_allclose(float(m["rewards/accuracies"]), 1 / 3, rtol=1e-6)  # -10 > -12 only

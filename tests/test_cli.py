@@ -7,11 +7,19 @@ from jaxlm.cli import main
 
 
 def test_help_for_every_command(capsys):
-    for cmd in ("convert", "generate"):
+    from jaxlm.cli import COMMANDS
+
+    assert len(COMMANDS) >= 9
+    for cmd in COMMANDS:
         with pytest.raises(SystemExit) as e:
             main([cmd, "--help"])
-        assert e.value.code == 0
-        assert "usage: jaxlm " + cmd in capsys.readouterr().out
+        assert e.value.code == 0, cmd
+        out = capsys.readouterr().out
+        assert "usage: jaxlm " + cmd in out and "-h, --help" in out, cmd
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and all(cmd in out for cmd in COMMANDS)
 
 
 def test_convert_generate_and_back(tmp_path, capsys):

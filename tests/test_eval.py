@@ -8,7 +8,7 @@ import numpy as np
 from conftest import tiny_config
 
 from jaxlm import checkpoint
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm.cli import main
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.model import forward, init_params
@@ -16,11 +16,11 @@ from jaxlm.model import forward, init_params
 
 def test_eval_per_group_perplexity(tmp_path, capsys):
     cfg = tiny_config()
-    model_cfg = C.model_config(cfg)
+    model_cfg = run_config.build(cfg).model
     params = init_params(model_cfg, jax.random.key(1))
     tok = load_tokenizer(cfg.data.tokenizer)
     ckpt = tmp_path / "ckpt"
-    checkpoint.save_params(ckpt, params, C.to_dict(cfg), tok.spec())
+    checkpoint.save_params(ckpt, params, run_config.to_dict(cfg), tok.spec())
 
     rng = np.random.default_rng(0)
     words = "to be or not that is the question whether tis nobler in mind".split()

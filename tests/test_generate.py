@@ -81,8 +81,8 @@ def test_one_compilation_for_many_prompts(params):
     gen = Generator(CFG, Sampling(temperature=0.7, top_k=20))
     for n in (3, 5, 9, 12):  # all inside the 16-token prompt bucket
         gen.generate(params, [list(range(1, n + 1))], max_new_tokens=6, seed=n)
-    assert gen._prefill._cache_size() == 1
-    assert gen._loop._cache_size() == 1
+    assert gen.prefill._cache_size() == 1
+    assert gen.loop._cache_size() == 1
 
 
 def test_sampling_follows_the_softmax():

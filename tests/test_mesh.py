@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm import parallel
 from jaxlm.model.config import ConfigError
 
@@ -116,10 +116,10 @@ def test_mesh_errors_name_the_field(sizes, devs, message):
 def test_config_fields_and_validation():
     c = tiny_config()
     assert (c.parallel.dcn_data, c.parallel.dcn_fsdp) == (1, 1)
-    assert "parallel.dcn_data" in C.help_table()
-    C.apply_overrides(c, ["--config.parallel.dcn_data=0"])
+    assert "parallel.dcn_data" in run_config.help_table()
+    run_config.apply_overrides(c, ["--config.parallel.dcn_data=0"])
     with pytest.raises(ConfigError, match="parallel.dcn_data must be >= 1"):
-        C.validate(c)
+        run_config.build(c)
 
 
 def test_real_mesh_with_process_groups():

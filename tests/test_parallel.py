@@ -6,9 +6,10 @@ import pytest
 from conftest import tiny_config
 from jax.sharding import PartitionSpec as P
 
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm import parallel
-from jaxlm.data.pipeline import DataConfig, TrainData
+from jaxlm.data.pipeline import TrainData
+from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.model.config import ConfigError
 from jaxlm.train.loop import make_trainer
 
@@ -19,14 +20,15 @@ KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 def setup():
     cfg = tiny_config(warmup_steps=1)
     cfg.model.update(num_heads=4, num_kv_heads=2, tie_embeddings=False)
-    data = TrainData(DataConfig.from_config(cfg.data, cfg.data.train), cfg.train.batch_size, 1, 0)
+    run = run_config.build(cfg)
+    data = TrainData(run.data, run.data.train, load_tokenizer(run.data.tokenizer), run.train.batch_size, 1, 0)
     it = data.iterator()
     batches = [{k: v for k, v in next(it).items() if k in KEYS} for _ in range(3)]
     return cfg, batches
 
 
 def run(cfg, batches, mesh):
-    tr = make_trainer(C.model_config(cfg), cfg, mesh)
+    tr = make_trainer(run_config.build(cfg).model, run_config.build(cfg), mesh)
     state = tr.init_state()
     losses = []
     for b in batches:

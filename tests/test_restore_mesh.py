@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from jaxlm import checkpoint, parallel
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm.cli import main
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.model import forward
@@ -24,15 +24,15 @@ def saved(tmp_path_factory):
     """A training checkpoint (params, optimizer state, config, tokenizer) from a (1, 8, 1) mesh."""
     cfg = tiny_config()
     cfg.parallel.update(data=1, fsdp=8)
-    model_cfg = C.model_config(cfg)
+    model_cfg = run_config.build(cfg).model
     mesh = parallel.make_mesh(cfg.parallel)
-    state = make_trainer(model_cfg, cfg, mesh).init_state()
+    state = make_trainer(model_cfg, run_config.build(cfg), mesh).init_state()
     emb = state.params["embedding"]
     assert len(emb.sharding.device_set) == 8 and emb.addressable_shards[0].data.size * 8 == emb.size
     tok = load_tokenizer(cfg.data.tokenizer)
     path = tmp_path_factory.mktemp("ckpt") / "checkpoints"
     ck = checkpoint.Checkpointer(path, async_save=False)
-    ck.save(1, state, config=C.to_dict(cfg), tokenizer=tok.spec())
+    ck.save(1, state, config=run_config.to_dict(cfg), tokenizer=tok.spec())
     ck.close()
     return path, cfg, model_cfg, checkpoint.to_numpy(state.params), tok
 

@@ -59,7 +59,7 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         out = train(cfg, resume=True)
     assert "checkpoint step 4" in caplog.text and "falling back" in caplog.text
-    assert int(out["state"].step) == 5
+    assert int(out.state.step) == 5
     losses = read_losses(tmp_path / "run" / "metrics.jsonl")
     assert sorted(losses) == [1, 2, 3, 4, 5]
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from jaxlm import config as C
+from jaxlm import config as run_config
 from jaxlm.infer.generate import Generator
 from jaxlm.model import ModelConfig, cache_bytes, forward, init_params
-from jaxlm.model import s2 as S2
+from jaxlm.model import s2 as model_s2
 from jaxlm.model.config import AttentionConfig, S2Config
 
 BASE = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2,
@@ -36,8 +36,8 @@ def test_all_dense_pattern_equals_dense_model(params):
 
 
 def test_dense_layers_of_a_hybrid_model():
-    assert S2.dense_layers(with_s2(BASE.replace(num_layers=4), dense_every_n=2)) == (1, 3)
-    assert S2.dense_layers(with_s2(BASE.replace(num_layers=4), dense_layers=(0,), dense_every_n=2)) == (0, 1, 3)
+    assert model_s2.dense_layers(with_s2(BASE.replace(num_layers=4), dense_every_n=2)) == (1, 3)
+    assert model_s2.dense_layers(with_s2(BASE.replace(num_layers=4), dense_layers=(0,), dense_every_n=2)) == (0, 1, 3)
 
 
 @pytest.mark.parametrize("dense_layers", [(), (1,)], ids=["all_sparse", "hybrid"])
@@ -50,7 +50,7 @@ def test_compressed_cache_decodes_like_the_full_cache(params, dense_layers):
     b = Generator(cfg).generate(params, prompts, max_new_tokens=60).tokens
     assert a == b
     # the compressed cache holds ~local_blocks + i / vert_stride blocks instead of i
-    per_layer = S2.layer_cache_bytes(cfg, 1, 4096)
+    per_layer = model_s2.layer_cache_bytes(cfg, 1, 4096)
     full_bytes = 2 * 4096 * 2 * 16 * 4
     for layer, kind, n in per_layer:
         assert kind == ("dense" if layer in dense_layers else "s2")
@@ -86,4 +86,4 @@ def test_an_s2_model_trains_like_the_dense_one(tmp_path):
     first, last = np.mean([s[i] for i in (1, 2)]), np.mean([s[i] for i in (15, 16)])
     assert last < first - 0.8, (first, last)
     assert abs(last - np.mean([d[i] for i in (15, 16)])) < 0.1 * last  # falls like the dense model's
-    assert C.model_config(cfg).attention.impl == "s2"
+    assert run_config.build(cfg).model.attention.impl == "s2"

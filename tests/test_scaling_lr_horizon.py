@@ -1,14 +1,13 @@
 """Optimal LR across token horizons: vertices, the power law, the joint fit, errors, CLI."""
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 
+from jaxlm.cli import build_parser
+from jaxlm.errors import ScalingError
 from jaxlm.scaling import lr_horizon
-from jaxlm.scaling.cli import add_commands
-from jaxlm.scaling.fitting import ScalingError
 
 HORIZONS = np.geomspace(1e9, 1e11, 5)
 
@@ -133,9 +132,8 @@ def test_degenerate_inputs_give_clear_errors(mutate, message):
 
 # ----------------------------------------------------------------------------- CLI
 def run_cli(argv):
-    parser = argparse.ArgumentParser(prog="jaxlm")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The `fit` command's function, called directly (errors propagate instead of being printed)."""
+    args = build_parser("fit").parse_args(argv)
     return args.func(args, [])
 
 

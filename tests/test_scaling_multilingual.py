@@ -1,15 +1,14 @@
 """Multilingual scaling law: recovery from synthetic tables, optimal ratios, independence, errors, CLI."""
 
-import argparse
 import itertools
 import json
 
 import numpy as np
 import pytest
 
+from jaxlm.cli import build_parser
+from jaxlm.errors import ScalingError
 from jaxlm.scaling import fitting, multilingual
-from jaxlm.scaling.cli import add_commands
-from jaxlm.scaling.fitting import ScalingError
 
 TRUE = {  # Chinchilla-like magnitudes; gamma differs per family
     "en": dict(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28, gamma=0.12),
@@ -200,9 +199,8 @@ def test_degenerate_inputs_give_clear_errors(mutate, message):
 
 # ----------------------------------------------------------------------------- tables and CLI
 def run_cli(argv):
-    parser = argparse.ArgumentParser(prog="jaxlm")
-    add_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
+    """The `fit` command's function, called directly (errors propagate instead of being printed)."""
+    args = build_parser("fit").parse_args(argv)
     return args.func(args, [])
 
 

@@ -36,7 +36,7 @@ def test_grid_names_and_overrides(tmp_path):
     names = [sweep.run_name(p) for p in s.points]
     assert names == ["small-lr0.001", "small-lr0.003"]
     assert sweep.overrides(s.points[1]) == [("model.num_layers", 1), ("train.lr", 0.003)]
-    cfg = sweep.run_config(s, s.points[1])
+    cfg = sweep.point_config(s, s.points[1])
     assert (cfg.model.num_layers, cfg.train.lr, cfg.train.steps) == (1, 0.003, 2)
     assert cfg.log.dir.endswith("sweep/small-lr0.003")
 
@@ -45,6 +45,9 @@ def test_run_records_and_skips_finished_runs(tmp_path, capsys):
     cfg = tiny_config()
     base = write_config(cfg, tmp_path / "base.py")
     path = write_sweep(tmp_path, base)
+    out = tmp_path / "launch.sh"
+    assert main(["sweep", "launch", str(path), "--target", "slurm", "--out", str(out)]) == 0
+    assert out.read_text().count("launch/gpu_slurm.sh") == 2  # both runs to launch
     assert main(["sweep", "run", str(path)]) == 0
     results = tmp_path / "sweep" / "results.jsonl"
     rows = [json.loads(x) for x in open(results)]
@@ -53,9 +56,8 @@ def test_run_records_and_skips_finished_runs(tmp_path, capsys):
     assert main(["sweep", "run", str(path)]) == 0
     assert "done, skipped" in capsys.readouterr().err
     assert len(open(results).readlines()) == 2
-    out = tmp_path / "launch.sh"
     assert main(["sweep", "launch", str(path), "--target", "slurm", "--out", str(out)]) == 0
-    assert "# generated" in out.read_text() and "jaxlm train" not in out.read_text()  # all done: nothing left
+    assert "# generated" in out.read_text() and "launch/gpu_slurm.sh" not in out.read_text()  # nothing left
 
 
 @pytest.mark.parametrize("target", ["tpu", "slurm"])

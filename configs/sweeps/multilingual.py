@@ -1,7 +1,8 @@
 """Multilingual scaling-law data (He et al., 2024): model sizes x token budgets x family sampling ratios
-over three language families of ../shared/data/multilingual, each run evaluated per family.
+over three language families of a folder of per-language JSON Lines (xx.jsonl, and families.json: in
+this project's checkout ../shared/data/multilingual), each run evaluated per family.
 
-    jaxlm sweep run configs/sweeps/multilingual.py
+    jaxlm sweep run configs/sweeps/multilingual.py:DATA_DIR
     jaxlm fit multilingual runs/sweeps/multilingual/results.jsonl
 
 The Germanic share takes three values with the rest split evenly; two more mixtures hold Germanic at
@@ -12,9 +13,9 @@ on the training text of all 12 languages.
 
 import ml_collections
 
+from jaxlm.errors import ConfigError
 from jaxlm.sweep import named, product
 
-ML = "../shared/data/multilingual"
 FAMILIES = {"Germanic": ("en", "de", "nl", "sv"), "Romance": ("fr", "es", "pt_BR", "ca"),
             "Slavic": ("ru", "pl", "cs", "uk")}
 HELD_OUT = 80  # last records of each language file
@@ -23,11 +24,11 @@ SIZES = {"xs": dict(hidden_size=64, intermediate_size=192, num_layers=2, num_hea
 STEPS = (150, 300)  # two token budgets: the law's D term needs at least two
 
 
-def mixture(shares: dict) -> str:
+def mixture(ml: str, shares: dict) -> str:
     parts = []
     for fam, langs in FAMILIES.items():
         for lang in langs:
-            parts.append(f"{ML}/{lang}.jsonl[:-{HELD_OUT}]@{shares[fam] / len(langs):.6f}")
+            parts.append(f"{ml}/{lang}.jsonl[:-{HELD_OUT}]@{shares[fam] / len(langs):.6f}")
     return ", ".join(parts)
 
 
@@ -40,7 +41,10 @@ MIXTURES = {
 }
 
 
-def get_config():
+def get_config(ml: str = ""):
+    if not ml:
+        raise ConfigError("the multilingual sweep needs its data folder: configs/sweeps/multilingual.py:DATA_DIR "
+                          "(e.g. ../shared/data/multilingual)")
     langs = [lang for ls in FAMILIES.values() for lang in ls]
     s = ml_collections.ConfigDict()
     s.name = "multilingual"
@@ -49,12 +53,12 @@ def get_config():
     s.init = ""
     s.dir = "runs/sweeps/multilingual"
     s.record = "multilingual"
-    s.families = f"{ML}/families.json"
+    s.families = f"{ml}/families.json"
     tokenizer = f"{s.dir}/tokenizer.json"
-    s.prepare = ((tokenizer, ("tokenizer", "train", "--data", ", ".join(f"{ML}/{x}.jsonl[:-{HELD_OUT}]" for x in langs),
-                              "--vocab-size", "4096", "--max-records", "600", "--out", tokenizer)),)
+    s.prepare = ((tokenizer, "tokenizer", {"data": ", ".join(f"{ml}/{x}.jsonl[:-{HELD_OUT}]" for x in langs),
+                                           "vocab_size": 4096, "max_records": 600}),)
     s.fixed = (("data.tokenizer", tokenizer), ("model.vocab_size", 4096), ("data.seq_len", 128),
-               ("data.eval", ", ".join(f"{ML}/{x}.jsonl[-{HELD_OUT}:]" for x in langs)), ("data.group_field", "family"),
+               ("data.eval", ", ".join(f"{ml}/{x}.jsonl[-{HELD_OUT}:]" for x in langs)), ("data.group_field", "family"),
                ("train.batch_size", 16), ("train.lr", 3e-3), ("train.warmup_steps", 15), ("train.eval_batches", 0),
                ("log.sample_prompt", ""), ("checkpoint.keep", 1))
     def size(name):
@@ -64,10 +68,10 @@ def get_config():
         return {"train.steps": steps, "train.eval_every": steps, "checkpoint.every": steps}
 
     sizes = named({name: size(name) for name in SIZES})
-    mixes = named({name: {"data.train": mixture(shares)} for name, shares in MIXTURES.items()})
+    mixes = named({name: {"data.train": mixture(ml, shares)} for name, shares in MIXTURES.items()})
     budgets = named({f"t{steps}": budget(steps) for steps in STEPS})
     # seed replicates of one mixture: the independence check's noise comes from them (an F test)
-    reps = named({f"g0.4-seed{k}": {"data.train": mixture(MIXTURES["g0.4"]), "train.seed": k} for k in (1, 2)})
+    reps = named({f"g0.4-seed{k}": {"data.train": mixture(ml, MIXTURES["g0.4"]), "train.seed": k} for k in (1, 2)})
     smallest = named({"xs": size("xs")})
     first = named({f"t{STEPS[0]}": budget(STEPS[0])})
     s.points = product(sizes, budgets, mixes) + product(smallest, first, reps)

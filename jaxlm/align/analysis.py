@@ -15,12 +15,19 @@ sequences) and counted.
 from __future__ import annotations
 
 import dataclasses
-import json
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from jaxlm.align.data import PrefConfig, encode_pair
+from jaxlm.align.data import Pairs, PrefConfig, encode_pair, make_rows
+from jaxlm.align.reference import sequence_logps
+from jaxlm.data.pipeline import BATCH_KEYS
+from jaxlm.data.sources import Report, read_records
+
+# (prompts: list of token lists, seed) -> sampled responses (token lists, the stop token included when hit)
+Sampler = Callable[[Sequence[Sequence[int]], int], list]
 
 
 @dataclasses.dataclass
@@ -57,39 +64,27 @@ def length_stats(lengths, bins: int = 20) -> dict:
             "hist": counts.tolist(), "edges": edges.tolist()}
 
 
-def read_prompts(path: str, tok, field: str = "prompt", limit: int = 0) -> list[list[int]]:
-    """Prompt token ids from JSON Lines (strings, chat message lists, or HH-RLHF shared-prefix pairs)."""
-    cfg = PrefConfig(path, prompt_field=field)
-    out = []
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            rec = json.loads(raw)
-            if field in rec and "chosen" not in rec:  # a prompt-only record
-                rec = {**rec, "chosen": "x", "rejected": "y"}
-            p, _, _, problem = encode_pair(tok, rec, cfg)
-            if problem:
-                raise ValueError(f"{path}:{n}: cannot read a prompt ({problem})")
-            out.append(p)
-            if limit and len(out) >= limit:
-                break
-    if not out:
-        raise ValueError(f"{path}: no prompts")
-    return out
+def read_prompts(spec: str, tok, field: str = "prompt", limit: int = 0) -> list[list[int]]:
+    """Prompt token ids from a source spec of records holding a prompt (a string or chat messages) or
+    a preference pair (HH-RLHF shared-prefix pairs included); bad rows are errors with file:line."""
+    cfg = PrefConfig(spec, prompt_field=field)
+
+    def as_pair(rec):
+        return {**rec, "chosen": "x", "rejected": "y"} if field in rec and "chosen" not in rec else rec
+
+    def validate(rec):
+        return encode_pair(tok, as_pair(rec), cfg)[3]
+
+    records, reports = read_records(spec, validate, max_bad_fraction=0.0, what="prompts")
+    out = [encode_pair(tok, as_pair(rec), cfg)[0] for rec in records]
+    return out[:limit] if limit else out
 
 
-def analyze(model_cfg, policy, reference, prompts: list[list[int]], *, max_new_tokens: int = 64,
-            samples: int = 1, stop_tokens=(), seed: int = 0, batch: int = 16, max_prompt: int = 0,
-            chunk: int = 256) -> Analysis:
-    """Sample from `policy`, score under both models, return the KL estimate and lengths."""
-    import jax
-
-    from jaxlm.align.data import Pairs, make_rows
-    from jaxlm.align.reference import sequence_logps
-    from jaxlm.data.sources import Report
-    from jaxlm.infer.generate import generate
-
+def analyze(model_cfg, policy, reference, prompts: list[list[int]], sample: Sampler, *, samples: int = 1,
+            stop_tokens=(), seed: int = 0, batch: int = 16, max_prompt: int = 0, chunk: int = 256) -> Analysis:
+    """Sample responses from the policy with `sample` (for example `jaxlm.infer.generate.generate`
+    at temperature 1 with the policy's params), score them under both models, and return the KL
+    estimate and the lengths. A response without a stop token counts as cut at max_new_tokens."""
     if max_prompt:
         prompts = [p[-max_prompt:] for p in prompts]
     stops = set(int(s) for s in stop_tokens)
@@ -97,9 +92,7 @@ def analyze(model_cfg, policy, reference, prompts: list[list[int]], *, max_new_t
     for k in range(samples):
         for start in range(0, len(prompts), batch):
             chunk_prompts = prompts[start:start + batch]
-            out = generate(model_cfg, policy, chunk_prompts, max_new_tokens=max_new_tokens, temperature=1.0,
-                           stop_tokens=list(stops), seed=seed * 1_000_003 + k * 7919 + start)
-            for i, toks in enumerate(out.tokens):
+            for i, toks in enumerate(sample(chunk_prompts, seed * 1_000_003 + k * 7919 + start)):
                 if not toks or toks[-1] not in stops:
                     truncated += 1
                 responses.append(np.asarray(toks or [stop_tokens[0] if stop_tokens else 0], np.int32))
@@ -115,7 +108,7 @@ def analyze(model_cfg, policy, reference, prompts: list[list[int]], *, max_new_t
     for start in range(0, n, batch):
         idx = np.arange(start, min(start + batch, n))
         rows = make_rows(pairs, idx, width)
-        b = {k: rows[k][0::2] for k in ("tokens", "targets", "loss_mask", "segment_ids", "positions")}
+        b = {k: rows[k][0::2] for k in BATCH_KEYS}
         logp[idx] = np.asarray(score(policy, b))
         logq[idx] = np.asarray(score(reference, b))
     ratio = (logp - logq).reshape(samples, len(prompts)).T

@@ -15,17 +15,20 @@ together under gradient accumulation and sharding), each row prompt + response, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
-import json
 
 import grain
 import numpy as np
 
-from jaxlm.data.sources import DataError, Report, check_fraction, parse_spec, resolve_paths
+from jaxlm.data.pipeline import BATCH_KEYS, Shards
+from jaxlm.data.sources import Report, check_fraction, open_spec, parse_spec
 from jaxlm.data.tokenizer import Tokenizer, apply_chat_template
+from jaxlm.errors import DataError
 
 HH_MARK = "\n\nAssistant:"
-KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions", "lengths", "index")
+# the arrays of a batch of pairs: the LM batch's, plus each row's response length and its pair index
+KEYS = BATCH_KEYS + ("lengths", "index")
 
 
 @dataclasses.dataclass
@@ -53,8 +56,9 @@ def _is_messages(v):
     return isinstance(v, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in v)
 
 
-def encode_pair(tok: Tokenizer, rec: dict, cfg: PrefConfig):
-    """(prompt ids, chosen ids, rejected ids, problem or None) for one record."""
+def split_pair(rec: dict, cfg: PrefConfig):
+    """(prompt, chosen, rejected, problem or None) of one record, before tokenization: strings, or
+    message lists for chat pairs (a string prompt becomes one user message)."""
     p, c, r = rec.get(cfg.prompt_field), rec.get(cfg.chosen_field), rec.get(cfg.rejected_field)
     if c is None or r is None:
         return None, None, None, "missing field"
@@ -73,18 +77,44 @@ def encode_pair(tok: Tokenizer, rec: dict, cfg: PrefConfig):
             return None, None, None, "empty response"
         if c == r:
             return None, None, None, "chosen equals rejected"
-        pi, _ = apply_chat_template(tok, msgs, add_generation_prompt=True)
-        ci = apply_chat_template(tok, c)[0][1:]  # the <|assistant|> tag is already in the prompt
-        ri = apply_chat_template(tok, r)[0][1:]
-        return pi, ci, ri, None
+        return msgs, c, r, None
     if not all(isinstance(x, str) for x in (p, c, r)):
         return None, None, None, "bad messages"
     if not c.strip() or not r.strip():
         return None, None, None, "empty response"
     if c == r:
         return None, None, None, "chosen equals rejected"
+    return p, c, r, None
+
+
+def pair_problem(rec: dict, cfg: PrefConfig) -> str | None:
+    """What makes a record unusable as a preference pair, or None (the reader's validator)."""
+    return split_pair(rec, cfg)[3]
+
+
+def encode_pair(tok: Tokenizer, rec: dict, cfg: PrefConfig):
+    """(prompt ids, chosen ids, rejected ids, problem or None) for one record."""
+    p, c, r, problem = split_pair(rec, cfg)
+    if problem:
+        return None, None, None, problem
+    if isinstance(c, list):
+        pi, _ = apply_chat_template(tok, p, add_generation_prompt=True)
+        ci = _reply_ids(tok, p, c)
+        ri = _reply_ids(tok, p, r)
+        return pi, ci, ri, None
     eos = [tok.eos_id] if cfg.add_eos and tok.eos_id >= 0 else []
     return tok.encode(p, special=False), tok.encode(c, special=False) + eos, tok.encode(r, special=False) + eos, None
+
+
+def _reply_ids(tok: Tokenizer, prompt_msgs, reply_msgs) -> list[int]:
+    """The tokens the model writes after the generation prompt: the whole conversation rendered,
+    minus the rendered prompt (with its generation prompt)."""
+    full, _ = apply_chat_template(tok, list(prompt_msgs) + list(reply_msgs))
+    head, _ = apply_chat_template(tok, prompt_msgs, add_generation_prompt=True)
+    if full[:len(head)] != head:
+        raise DataError("the chat template renders the prompt differently inside the conversation; "
+                        "chat preference pairs need a template whose prefix is stable")
+    return full[len(head):]
 
 
 def truncate(p, c, r, max_length: int, max_prompt_length: int):
@@ -117,30 +147,6 @@ class Pairs:
         return len(self.prompts)
 
 
-def _records(path, report: Report):
-    """(record, "file:line") for every JSON object line; other lines are reported as bad."""
-    import gzip
-
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if not raw.strip():
-                continue
-            origin = f"{path}:{n}"
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError:
-                report.add_bad("non-UTF-8", origin)
-                continue
-            except json.JSONDecodeError as e:
-                report.add_bad("malformed JSON", origin, e.msg)
-                continue
-            if not isinstance(obj, dict):
-                report.add_bad("not an object", origin)
-                continue
-            yield obj, origin
-
-
 def load_pairs(cfg: PrefConfig, tok: Tokenizer) -> Pairs:
     """Read, validate, tokenize and truncate every pair of cfg.sources (bad rows reported by
     file:line; more than cfg.max_bad_fraction bad stops with the report)."""
@@ -148,17 +154,17 @@ def load_pairs(cfg: PrefConfig, tok: Tokenizer) -> Pairs:
     report = Report(cfg.sources)
     truncated = 0
     h = hashlib.sha256(f"{cfg.max_length}/{cfg.max_prompt_length}".encode())
+    validate = functools.partial(pair_problem, cfg=cfg)
     for spec in parse_spec(cfg.sources):
-        good = []
-        for path in resolve_paths(spec.path):
-            for rec, origin in _records(path, report):
-                p, c, r, problem = encode_pair(tok, rec, cfg)
-                if problem:
-                    report.add_bad(problem, origin)
-                    continue
-                good.append((p, c, r, origin))
-                report.good += 1
-        for p, c, r, origin in (good[spec.select] if spec.select is not None else good):
+        src = open_spec(spec, validate)
+        report.good += src.report.good
+        for kind, n in src.report.bad.items():
+            report.bad[kind] += n
+            report.examples.setdefault(kind, []).extend(src.report.examples.get(kind, []))
+        for i in range(len(src)):
+            rec = src[i]
+            p, c, r, _ = encode_pair(tok, rec, cfg)
+            origin = rec["_origin"]
             p, c, r, cut = truncate(p, c, r, cfg.max_length, cfg.max_prompt_length)
             truncated += cut
             for lst, ids in ((prompts, p), (chosen, c), (rejected, r)):
@@ -220,12 +226,10 @@ class PairStream:
         return rows
 
     def iterator(self, process_index=0, process_count=1):
-        from jaxlm.data.pipeline import _Shards
-
         if self.num_shards % process_count:
             raise DataError(f"data.num_shards {self.num_shards} is not divisible by {process_count} processes")
         per = self.num_shards // process_count
-        return _Shards([self.shard(s) for s in range(process_index * per, (process_index + 1) * per)]).__iter__()
+        return Shards([self.shard(s) for s in range(process_index * per, (process_index + 1) * per)]).__iter__()
 
 
 def eval_rows(pairs: Pairs, batch_pairs: int, max_length: int, pad_id: int = 0, max_batches: int = 0):

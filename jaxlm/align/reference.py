@@ -5,8 +5,8 @@
    runs with the same data, tokenizer, lengths and reference model;
 2. `checkpoint`: a frozen reference model evaluated inside the step (its params are the step's
    `frozen` argument, never trained);
-3. `adapters_off`: for LoRA policies, the same model with its adapters disabled (the hook is here;
-   it needs a model with adapters).
+3. `adapters_off`: for LoRA policies, the same weights with the adapters switched off (the policy's
+   own base: no second copy of the model, no extra pass over the data).
 """
 
 from __future__ import annotations
@@ -22,53 +22,41 @@ import numpy as np
 
 from jaxlm import parallel
 from jaxlm.align.data import Pairs, eval_rows
-from jaxlm.model import ModelConfig
+from jaxlm.checkpoint import resolve
+from jaxlm.data.pipeline import BATCH_KEYS
+from jaxlm.data.sources import parse_spec, resolve_paths
+from jaxlm.errors import ConfigError
+from jaxlm.model import ModelConfig, lora
 from jaxlm.train.steps import hidden_states, token_logprobs
 
 log = logging.getLogger(__name__)
-ROW_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def sequence_logps(model_cfg: ModelConfig, params, batch, chunk: int):
-    """Summed log-probs of each row's loss-masked (response) tokens: [rows] float32."""
-    lp = token_logprobs(model_cfg, params, hidden_states(model_cfg, params, batch), batch["targets"], chunk)
+def sequence_logps(model_cfg: ModelConfig, params, batch, chunk: int, rng=None):
+    """Summed log-probs of each row's loss-masked (response) tokens: [rows] float32 (`rng`: LoRA dropout)."""
+    lp = token_logprobs(model_cfg, params, hidden_states(model_cfg, params, batch, rng), batch["targets"], chunk)
     return (lp * batch["loss_mask"]).sum(axis=-1)
 
 
-def adapters_off(params):
-    """The reference of a LoRA policy: the same params with every adapter zeroed (a zeroed low-rank
-    update adds nothing), so the policy's base weights score the reference."""
-    from jaxlm.train.state import path_str
-
-    found = False
-
-    def zero(path, x):
-        nonlocal found
-        if "lora" in path_str(path):
-            found = True
-            return jax.numpy.zeros_like(x)
-        return x
-
-    out = jax.tree_util.tree_map_with_path(zero, params)
-    if not found:
-        raise ValueError("align.reference=adapters_off needs a policy with LoRA adapters; this model has none "
-                         "(use precomputed or checkpoint)")
-    return out
+def adapters_off(model_cfg: ModelConfig) -> ModelConfig:
+    """The reference model of a LoRA policy: the policy's config with its adapters switched off. Run
+    with the policy's own params, it reads only their base weights (jaxlm.model.lora.off)."""
+    if not model_cfg.lora.enabled:
+        raise ConfigError("align.reference=adapters_off needs a policy with LoRA adapters; this model has none",
+                          hint="set --config.model.lora.rank (LoRA training) or use align.reference=precomputed")
+    return lora.off(model_cfg)
 
 
 def pair_logps(model_cfg: ModelConfig, params, pairs: Pairs, batch_pairs: int, max_length: int, mesh, rules,
                chunk: int, pad_id: int = 0) -> np.ndarray:
     """[n_pairs, 2] summed log-probs (chosen, rejected) of every pair, in order. Every process computes
     the same global batches and feeds its rows."""
-    rows = 2 * batch_pairs
-    per = rows // jax.process_count()
-    lo = jax.process_index() * per
     out = np.zeros((len(pairs), 2), np.float64)
     with parallel.sharding_context(mesh, rules):
         f = jax.jit(lambda p, b: sequence_logps(model_cfg, p, b, chunk), out_shardings=parallel.replicated(mesh))
         start = 0
         for batch in eval_rows(pairs, batch_pairs, max_length, pad_id):
-            local = {k: batch[k][lo:lo + per] for k in ROW_KEYS}
+            local = parallel.local_rows(batch, 2 * batch_pairs, BATCH_KEYS)
             seq = np.asarray(f(params, parallel.global_batch(local, mesh))).reshape(-1, 2)
             n = min(batch_pairs, len(pairs) - start)
             out[start:start + n] = seq[:n]
@@ -80,8 +68,6 @@ def reference_id(checkpoint: str | None, model_cfg: ModelConfig, seed: int) -> s
     """Identity of a reference model for the cache key: its checkpoint step folder (or the seed of
     the initial params) and its architecture."""
     if checkpoint:
-        from jaxlm.checkpoint import resolve
-
         d, step = resolve(checkpoint)
         what = f"{Path(d).resolve()}/{step}"
     else:
@@ -90,8 +76,6 @@ def reference_id(checkpoint: str | None, model_cfg: ModelConfig, seed: int) -> s
 
 
 def cache_path(pairs: Pairs, sources: str, ref_id: str, cache_dir: str, run_dir: Path) -> Path:
-    from jaxlm.data.sources import parse_spec, resolve_paths
-
     first = Path(resolve_paths(parse_spec(sources)[0].path)[0])
     name = f"{first.name.split('.')[0]}.ref-{pairs.fingerprint}-{ref_id}.npy"
     if cache_dir:

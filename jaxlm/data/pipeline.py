@@ -15,39 +15,44 @@ counters) is a small JSON dict, saved with every checkpoint.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 
 import grain
 import numpy as np
 
-from jaxlm.data.sources import BAD_KINDS, DataError, Report, check_fraction, open_spec, parse_spec
-from jaxlm.data.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
+from jaxlm.data.config import DataConfig
+from jaxlm.data.sources import BAD_KINDS, Report, check_fraction, lm_validator, open_spec, parse_spec
+from jaxlm.data.tokenizer import TINY_SPECIALS, Tokenizer, apply_chat_template, load_tokenizer, train_bpe
+from jaxlm.errors import ConfigError, DataError
 
 FIELDS = ("tokens", "targets", "loss_mask", "group")
+# The arrays of a language-model batch, each [rows, seq_len] int32: what the model and the loss read.
+BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 # grain's defaults (16 threads reading 500 records ahead) burn the CPU the trainer needs when records
 # are long; one reader thread with a short buffer keeps up with tokenisation here.
 READ_OPTIONS = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 
 class Tokenize:
-    """record -> {"ids", "mask", "origin", "group", "source"} (picklable: the tokenizer loads lazily)."""
+    """record -> {"ids", "mask", "origin", "group", "source"} (picklable: the tokenizer travels as its
+    spec to grain worker processes and is rebuilt there)."""
 
-    def __init__(self, tokenizer_spec, text_field="text", messages_field="messages", add_eos=True,
-                 group_field="", source=0, groups: dict | None = None, prompt_field=""):
-        self.spec, self.text_field, self.messages_field = tokenizer_spec, text_field, messages_field
-        self.prompt_field = prompt_field
-        self.add_eos, self.group_field, self.source = add_eos, group_field, source
-        self.groups = groups if groups is not None else {}
-        self._tok: Tokenizer | None = None
+    def __init__(self, tokenizer: Tokenizer, data: DataConfig, source=0, group_field: str = ""):
+        self._tok = tokenizer
+        self.text_field, self.messages_field, self.prompt_field = data.text_field, data.messages_field, data.prompt_field
+        self.add_eos, self.group_field, self.source = data.add_eos, group_field, source
+        self.groups: dict = {}
 
     def __getstate__(self):
-        return dict(self.__dict__, _tok=None)
+        return dict(self.__dict__, _tok=None, _spec=self._tok.spec())
+
+    def __setstate__(self, state):
+        spec = state.pop("_spec")
+        self.__dict__.update(state)
+        self._tok = load_tokenizer(spec)
 
     @property
     def tok(self) -> Tokenizer:
-        if self._tok is None:
-            self._tok = self.spec if isinstance(self.spec, Tokenizer) else load_tokenizer(self.spec)
         return self._tok
 
     def __call__(self, rec: dict) -> dict:
@@ -167,44 +172,17 @@ def pack(docs: grain.IterDataset, seq_len: int, bins: int) -> grain.IterDataset:
 
 
 # ----------------------------------------------------------------------------- train stream
-@dataclasses.dataclass
-class DataConfig:
-    """The data section of the run config, as plain values."""
-
-    sources: str
-    tokenizer: object
-    seq_len: int = 256
-    text_field: str = "text"
-    messages_field: str = "messages"
-    prompt_field: str = ""
-    group_field: str = ""
-    long_records: str = "split"
-    add_eos: bool = True
-    packing_bins: int = 8
-    max_bad_fraction: float = 0.01
-    prefetch: int = 2
-    num_workers: int = 0
-
-    @classmethod
-    def from_config(cls, d, sources: str, tokenizer=None):
-        return cls(sources=sources, tokenizer=tokenizer if tokenizer is not None else d.tokenizer,
-                   seq_len=d.seq_len, text_field=d.text_field, messages_field=d.messages_field,
-                   prompt_field=d.prompt_field,
-                   group_field=d.group_field, long_records=d.long_records, add_eos=d.add_eos,
-                   packing_bins=d.packing_bins, max_bad_fraction=d.max_bad_fraction, prefetch=d.prefetch,
-                   num_workers=d.num_workers)
-
-
-def open_sources(cfg: DataConfig):
-    specs = parse_spec(cfg.sources)
-    sources = []
+def open_sources(data: DataConfig, sources: str):
+    """(specs, opened sources) of a spec string, each validated as language-model records."""
+    specs = parse_spec(sources)
+    opened = []
     for s in specs:
-        src = open_spec(s, cfg.text_field, cfg.messages_field)
+        src = open_spec(s, lm_validator(data.text_field, data.messages_field))
         if len(src) == 0:
             raise DataError("\n".join([f"data source {s.path!r} has no usable records"] + src.report.lines()))
-        check_fraction(src.report, cfg.max_bad_fraction)
-        sources.append(src)
-    return specs, sources
+        check_fraction(src.report, data.max_bad_fraction)
+        opened.append(src)
+    return specs, opened
 
 
 def _mean_tokens(src, tokenize: Tokenize, n: int = 64) -> float:
@@ -219,14 +197,15 @@ class TrainData:
     each global batch: dicts of numpy [rows, seq_len] (tokens, targets, loss_mask, segment_ids,
     positions, group)."""
 
-    def __init__(self, cfg: DataConfig, batch_size: int, num_shards: int, seed: int):
+    def __init__(self, data: DataConfig, sources: str, tokenizer: Tokenizer, batch_size: int, num_shards: int,
+                 seed: int):
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
         if batch_size % num_shards:
             raise DataError(f"batch size {batch_size} is not divisible by data.num_shards {num_shards}")
-        self.cfg, self.batch_size, self.num_shards, self.seed = cfg, batch_size, num_shards, seed
-        self.specs, self.sources = open_sources(cfg)
-        tokenizer = cfg.tokenizer if isinstance(cfg.tokenizer, Tokenizer) else load_tokenizer(cfg.tokenizer)
-        self.tokenizers = [Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, "", i,
-                                    prompt_field=cfg.prompt_field) for i in range(len(self.sources))]
+        self.cfg, self.batch_size, self.num_shards, self.seed = data, batch_size, num_shards, seed
+        self.specs, self.sources = open_sources(data, sources)
+        self.tokenizers = [Tokenize(tokenizer, data, i) for i in range(len(self.sources))]
         # data.train weights are shares of tokens: divide by each source's mean record length
         w = np.array([s.weight for s in self.specs])
         if len(self.sources) > 1:
@@ -256,14 +235,15 @@ class TrainData:
             raise DataError(f"data.num_shards {self.num_shards} is not divisible by {process_count} processes")
         per = self.num_shards // process_count
         owned = list(range(process_index * per, (process_index + 1) * per))
-        ds = _Shards([self.shard(s) for s in owned])
+        ds = Shards([self.shard(s) for s in owned])
         if self.cfg.prefetch:
             ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=self.cfg.prefetch)
         return ds.__iter__()
 
 
-class _Shards(grain.IterDataset):
-    """Concatenate the rows of several shard streams, batch by batch."""
+class Shards(grain.IterDataset):
+    """Concatenate the rows of several shard streams, batch by batch (a process's share of the
+    global batch: it owns several shards)."""
 
     def __init__(self, parents: Sequence[grain.IterDataset]):
         super().__init__(list(parents))
@@ -335,16 +315,16 @@ class _Concat(Sequence):
         return rec
 
 
-def eval_batches(cfg: DataConfig, batch_size: int, max_batches: int = 0):
-    """Yield (batch, is_real_row) over the whole eval set, in order, identical on every process.
-    The last batch is padded with empty rows (loss_mask 0). `groups` maps group names to ids."""
-    _, sources = open_sources(cfg)
-    tokenizer = cfg.tokenizer if isinstance(cfg.tokenizer, Tokenizer) else load_tokenizer(cfg.tokenizer)
-    tok = Tokenize(tokenizer, cfg.text_field, cfg.messages_field, cfg.add_eos, cfg.group_field,
-                   prompt_field=cfg.prompt_field)
-    ds = grain.MapDataset.source(_Concat(sources)).map(tok).to_iter_dataset(READ_OPTIONS)
-    docs = Documents(ds, cfg.seq_len, cfg.long_records, 1)
-    rows = pack(docs, cfg.seq_len, cfg.packing_bins).batch(batch_size, drop_remainder=False)
+def eval_batches(data: DataConfig, sources: str, tokenizer: Tokenizer, batch_size: int, max_batches: int = 0,
+                 group_field: str = ""):
+    """Yield (batch, groups) over the whole eval set, in order, identical on every process. The last
+    batch is padded with empty rows (loss_mask 0). `groups` maps group names (values of the record
+    field `group_field`) to ids."""
+    _, opened = open_sources(data, sources)
+    tok = Tokenize(tokenizer, data, group_field=group_field)
+    ds = grain.MapDataset.source(_Concat(opened)).map(tok).to_iter_dataset(READ_OPTIONS)
+    docs = Documents(ds, data.seq_len, data.long_records, 1)
+    rows = pack(docs, data.seq_len, data.packing_bins).batch(batch_size, drop_remainder=False)
     for n, b in enumerate(rows):
         if max_batches and n >= max_batches:
             return
@@ -352,6 +332,25 @@ def eval_batches(cfg: DataConfig, batch_size: int, max_batches: int = 0):
         if real < batch_size:
             b = {k: np.concatenate([v, np.zeros((batch_size - real,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
         yield b, tok.groups
+
+
+def train_tokenizer(sources: str, vocab_size: int, text_field: str = "text", max_records: int = 0):
+    """A byte-level BPE of `vocab_size` tokens (fewer when the data has no more merges) trained on
+    the text of a source spec; `max_records` evenly spaced records per source (0 = all)."""
+    minimum = 256 + len(TINY_SPECIALS)
+    if vocab_size < minimum:
+        raise ConfigError(f"--vocab-size {vocab_size} is below the smallest byte-level BPE: {minimum} "
+                          f"(256 bytes + {len(TINY_SPECIALS)} special tokens)")
+    data = DataConfig(text_field=text_field, max_bad_fraction=1.0)
+    _, opened = open_sources(data, sources)
+
+    def texts():
+        for src in opened:
+            step = max(1, len(src) // max_records) if max_records else 1
+            for i in range(0, len(src), step):
+                yield src[i][text_field]
+
+    return train_bpe(texts(), vocab_size)
 
 
 def check_counters(c: dict, reports: Sequence[Report], max_bad_fraction: float):
@@ -365,4 +364,5 @@ def check_counters(c: dict, reports: Sequence[Report], max_bad_fraction: float):
         check_fraction(r, max_bad_fraction)
 
 
-__all__ = ["BAD_KINDS", "DataConfig", "Documents", "Tokenize", "TrainData", "counters", "eval_batches", "pack"]
+__all__ = ["BAD_KINDS", "BATCH_KEYS", "Documents", "Shards", "Tokenize", "TrainData", "counters", "eval_batches",
+           "open_sources", "pack"]

@@ -7,29 +7,36 @@ non-UTF-8 bytes are counted and reported with file:line, never silently dropped.
 TFDS sources are too large to scan up front; their bad records are marked (`_bad`) and counted
 downstream by the pipeline.
 
-Source specs (config `data.train` / `data.eval`): 'PATH[@WEIGHT], PATH[@WEIGHT], ...' where PATH is
-a file or glob (.jsonl, .jsonl.gz, .json, .parquet), `arrayrecord:PATH`, `tfds:NAME[/CONFIG]:SPLIT`
-or `asset:NAME` (data shipped with jaxlm).
+Source specs (config `data.train` / `data.eval`): 'PATH[a:b]@WEIGHT, ...' where PATH is a file or
+glob (.jsonl, .jsonl.gz, .json, .parquet, .csv), `arrayrecord:PATH`, `tfds:NAME[/CONFIG]:SPLIT` or
+`asset:NAME` (data shipped with jaxlm); `[a:b]` selects usable records a..b.
+
+What makes a record usable is the reader's `validate(record) -> problem or None`: language-model
+text or chat records (`lm_validator`), preference pairs, prompts, benchmark rows... Every reader of
+records in jaxlm goes through `open_source` / `read_records`, so every one reports bad rows the same
+way.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import functools
 import glob as globlib
 import gzip
+import io
 import json
 import mmap
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from jaxlm.errors import DataError
 
 BAD_KINDS = ("malformed JSON", "not an object", "missing field", "empty text", "bad messages", "non-UTF-8",
              "too long")
 EXAMPLES_PER_KIND = 3
-
-
-class DataError(ValueError):
-    """Input that cannot be used; the message says which file and line."""
+Validator = Callable[[dict], "str | None"]
 
 
 @dataclasses.dataclass
@@ -68,8 +75,9 @@ def check_fraction(report: Report, max_bad_fraction: float):
                                    f"data.max_bad_fraction={max_bad_fraction:.1%}"] + report.lines()))
 
 
-def validate_record(obj, text_field: str, messages_field: str) -> str | None:
-    """The kind of problem with a decoded record, or None when it is usable."""
+def validate_record(obj, text_field: str = "text", messages_field: str = "messages") -> str | None:
+    """The kind of problem with a language-model record (plain text or chat messages), or None when it
+    is usable."""
     if not isinstance(obj, dict):
         return "not an object"
     if messages_field in obj and obj[messages_field] is not None:
@@ -87,14 +95,26 @@ def validate_record(obj, text_field: str, messages_field: str) -> str | None:
     return None
 
 
+def lm_validator(text_field: str = "text", messages_field: str = "messages") -> Validator:
+    """validate_record for these fields (picklable, for grain worker processes)."""
+    return functools.partial(validate_record, text_field=text_field, messages_field=messages_field)
+
+
+def any_object(obj) -> str | None:
+    """Accept every JSON object (the reader's own checks still apply)."""
+    return None if isinstance(obj, dict) else "not an object"
+
+
 # ----------------------------------------------------------------------------- JSON Lines
 class JsonlSource(Sequence):
-    """Records of one or more JSON Lines files (plain or gzip), indexed and validated on open."""
+    """Records of one or more JSON Lines files (plain or gzip), indexed and validated on open.
+    `bad_lines` keeps (file, line) of every bad record, so a selection [a:b] can count its own."""
 
-    def __init__(self, paths: Sequence[str], text_field="text", messages_field="messages", name=None):
+    def __init__(self, paths: Sequence[str], validate: Validator = any_object, name=None):
         self.paths = [str(p) for p in paths]
-        self.text_field, self.messages_field = text_field, messages_field
+        self.validate = validate
         self.report = Report(name or ",".join(self.paths))
+        self.bad_lines: list[tuple[int, int, str]] = []  # (file, line, kind)
         self._blobs, self._index = [], []  # blob per file; (file, start, end, line) per good record
         for f, path in enumerate(self.paths):
             blob = self._open(path)
@@ -121,22 +141,21 @@ class JsonlSource(Sequence):
             raw = blob[start:end]
             if raw.strip():
                 origin = f"{path}:{line}"
+                kind, detail = None, ""
                 try:
-                    text = raw.decode("utf-8")
+                    obj = json.loads(raw.decode("utf-8"))
                 except UnicodeDecodeError as e:
-                    self.report.add_bad("non-UTF-8", origin, f"byte {e.start}")
+                    kind, detail = "non-UTF-8", f"byte {e.start}"
+                except json.JSONDecodeError as e:
+                    kind, detail = "malformed JSON", e.msg
                 else:
-                    try:
-                        obj = json.loads(text)
-                    except json.JSONDecodeError as e:
-                        self.report.add_bad("malformed JSON", origin, e.msg)
-                    else:
-                        kind = validate_record(obj, self.text_field, self.messages_field)
-                        if kind:
-                            self.report.add_bad(kind, origin)
-                        else:
-                            self._index.append((f, start, end, line))
-                            self.report.good += 1
+                    kind = any_object(obj) or self.validate(obj)
+                if kind:
+                    self.report.add_bad(kind, origin, detail)
+                    self.bad_lines.append((f, line, kind))
+                else:
+                    self._index.append((f, start, end, line))
+                    self.report.good += 1
             start = end + 1
 
     def __len__(self):
@@ -148,36 +167,44 @@ class JsonlSource(Sequence):
         rec["_origin"] = f"{self.paths[f]}:{line}"
         return rec
 
+    def origin_of(self, i) -> tuple[int, int]:
+        """(file, line) of good record i."""
+        f, _, _, line = self._index[i]
+        return f, line
+
     def __getstate__(self):  # picklable for grain worker processes: reopen the files there
-        return {"paths": self.paths, "text_field": self.text_field, "messages_field": self.messages_field,
-                "report": self.report, "index": self._index}
+        return {"paths": self.paths, "validate": self.validate, "report": self.report, "index": self._index,
+                "bad_lines": self.bad_lines}
 
     def __setstate__(self, s):
-        self.paths, self.text_field, self.messages_field = s["paths"], s["text_field"], s["messages_field"]
-        self.report, self._index = s["report"], s["index"]
+        self.paths, self.validate, self.report = s["paths"], s["validate"], s["report"]
+        self._index, self.bad_lines = s["index"], s["bad_lines"]
         self._blobs = [self._open(p) for p in self.paths]
 
 
 # ----------------------------------------------------------------------------- Parquet
-class ParquetSource(Sequence):
-    """Rows of Parquet files (text or messages column), validated on open."""
+class _RowsSource(Sequence):
+    """Rows of tabular files read whole (Parquet, CSV), validated on open."""
 
-    def __init__(self, paths, text_field="text", messages_field="messages", name=None):
-        import pyarrow.parquet as pq
-
+    def __init__(self, paths, validate: Validator = any_object, name=None):
         self.paths = [str(p) for p in paths]
         self.report = Report(name or ",".join(self.paths))
-        self._rows = []
-        for path in self.paths:
-            table = pq.read_table(path)
-            for r, obj in enumerate(table.to_pylist(), start=1):
-                kind = validate_record(obj, text_field, messages_field)
+        self.bad_lines: list[tuple[int, int, str]] = []
+        self._rows, self._lines = [], []
+        for f, path in enumerate(self.paths):
+            for r, obj in self._read(path):
+                kind = validate(obj)
                 if kind:
-                    self.report.add_bad(kind, f"{path}:row {r}")
+                    self.report.add_bad(kind, f"{path}:{r}")
+                    self.bad_lines.append((f, r, kind))
                 else:
-                    obj["_origin"] = f"{path}:row {r}"
+                    obj["_origin"] = f"{path}:{r}"
                     self._rows.append(obj)
+                    self._lines.append((f, r))
                     self.report.good += 1
+
+    def _read(self, path):
+        raise NotImplementedError
 
     def __len__(self):
         return len(self._rows)
@@ -185,14 +212,39 @@ class ParquetSource(Sequence):
     def __getitem__(self, i):
         return dict(self._rows[i])
 
+    def origin_of(self, i) -> tuple[int, int]:
+        return self._lines[i]
+
+
+class ParquetSource(_RowsSource):
+    """Rows of Parquet files; origins are 'file:row N' (1-based)."""
+
+    def _read(self, path):
+        import pyarrow.parquet as pq
+
+        for r, obj in enumerate(pq.read_table(path).to_pylist(), start=1):
+            yield f"row {r}", obj
+
+
+class CsvSource(_RowsSource):
+    """Rows of CSV files with a header; origins are 'file:line' (the header is line 1)."""
+
+    def _read(self, path):
+        try:
+            text = Path(path).read_bytes().decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 (byte {e.start})") from None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield reader.line_num, {k: v for k, v in row.items() if k is not None}
+
 
 # ----------------------------------------------------------------------------- lazy sources
 class _LazySource(Sequence):
     """Wraps a random-access source of raw records; decodes and validates each on access."""
 
-    def __init__(self, inner, name, text_field, messages_field):
-        self.inner, self.name = inner, name
-        self.text_field, self.messages_field = text_field, messages_field
+    def __init__(self, inner, name, validate: Validator):
+        self.inner, self.name, self.validate = inner, name, validate
         self.report = Report(name)  # counted downstream (the pipeline), not here
 
     def __len__(self):
@@ -211,7 +263,7 @@ class _LazySource(Sequence):
             return {"_origin": origin, "_bad": "non-UTF-8"}
         except (json.JSONDecodeError, ValueError):
             return {"_origin": origin, "_bad": "malformed JSON"}
-        kind = validate_record(rec, self.text_field, self.messages_field)
+        kind = any_object(rec) or self.validate(rec)
         rec = rec if isinstance(rec, dict) else {}
         rec["_origin"] = origin
         if kind:
@@ -219,13 +271,13 @@ class _LazySource(Sequence):
         return rec
 
 
-def _arrayrecord(paths, text_field, messages_field, name):
+def _arrayrecord(paths, validate, name):
     import grain
 
-    return _LazySource(grain.sources.ArrayRecordDataSource(list(paths)), name, text_field, messages_field)
+    return _LazySource(grain.sources.ArrayRecordDataSource(list(paths)), name, validate)
 
 
-def _tfds(spec, text_field, messages_field, name):
+def _tfds(spec, validate, name):
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -234,7 +286,7 @@ def _tfds(spec, text_field, messages_field, name):
     ds_name, _, split = body.rpartition(":")
     if not ds_name:
         raise DataError(f"{spec}: TFDS sources look like tfds:NAME[/CONFIG]:SPLIT")
-    return _LazySource(tfds.data_source(ds_name, split=split), name, text_field, messages_field)
+    return _LazySource(tfds.data_source(ds_name, split=split), name, validate)
 
 
 # ----------------------------------------------------------------------------- specs
@@ -284,11 +336,17 @@ def resolve_paths(path: str) -> list[str]:
 
 
 class Subset(Sequence):
-    """Records a..b of a source (its report still counts the whole source)."""
+    """Records a..b of a source. Its report counts the selected records and the bad rows that lie
+    among them (between the first and the last selected record), not the whole file."""
 
-    def __init__(self, inner, select: slice):
+    def __init__(self, inner, select: slice, name: str):
         self.inner, self.idx = inner, range(len(inner))[select]
-        self.report = inner.report
+        self.report = Report(name, good=len(self.idx))
+        if len(self.idx) and hasattr(inner, "origin_of"):
+            first, last = inner.origin_of(self.idx[0]), inner.origin_of(self.idx[-1])
+            for f, line, kind in getattr(inner, "bad_lines", ()):
+                if first <= (f, line) <= last:
+                    self.report.add_bad(kind, f"{inner.paths[f]}:{line}")
 
     def __len__(self):
         return len(self.idx)
@@ -297,24 +355,47 @@ class Subset(Sequence):
         return self.inner[self.idx[i]]
 
 
-def open_spec(spec: SourceSpec, text_field="text", messages_field="messages"):
-    src = open_source(spec.path, text_field, messages_field)
-    return Subset(src, spec.select) if spec.select is not None else src
+def open_spec(spec: SourceSpec, validate: Validator = any_object):
+    src = open_source(spec.path, validate)
+    if spec.select is None:
+        return src
+    sel = spec.select
+    return Subset(src, sel, f"{spec.path}[{'' if sel.start is None else sel.start}:{'' if sel.stop is None else sel.stop}]")
 
 
-def open_source(path: str, text_field="text", messages_field="messages"):
+def open_source(path: str, validate: Validator = any_object):
     """One source (possibly several files) from one PATH of a spec."""
     if path.startswith("tfds:"):
-        return _tfds(path, text_field, messages_field, path)
+        return _tfds(path, validate, path)
     if path.startswith("arrayrecord:"):
         files = resolve_paths(path[len("arrayrecord:"):])
-        return _arrayrecord(files, text_field, messages_field, path)
+        return _arrayrecord(files, validate, path)
     files = resolve_paths(path)
-    kinds = {".parquet" if f.endswith(".parquet") else ".jsonl" for f in files}
-    if kinds == {".parquet"}:
-        return ParquetSource(files, text_field, messages_field, name=path)
+    if all(f.endswith(".parquet") for f in files):
+        return ParquetSource(files, validate, name=path)
+    if all(f.endswith(".csv") for f in files):
+        return CsvSource(files, validate, name=path)
     if any(f.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz")) for f in files):
-        return JsonlSource(files, text_field, messages_field, name=path)
+        return JsonlSource(files, validate, name=path)
     if all(f.endswith((".arrayrecord", ".array_record")) for f in files):
-        return _arrayrecord(files, text_field, messages_field, path)
-    raise DataError(f"cannot tell the format of {path!r}: use .jsonl[.gz], .parquet, arrayrecord: or tfds:")
+        return _arrayrecord(files, validate, path)
+    raise DataError(f"cannot tell the format of {path!r}: use .jsonl[.gz], .parquet, .csv, arrayrecord: or tfds:")
+
+
+def read_records(spec: str, validate: Validator = any_object, max_bad_fraction: float = 1.0,
+                 what: str = "records") -> tuple[list[dict], list[Report]]:
+    """Every usable record of a source spec ('PATH[a:b], ...'), in order, each with its `_origin`
+    ('file:line'), and one Report per source. More than `max_bad_fraction` bad stops with the report;
+    no usable record at all is an error naming the spec."""
+    records, reports = [], []
+    for s in parse_spec(spec):
+        src = open_spec(s, validate)
+        check_fraction(src.report, max_bad_fraction)
+        reports.append(src.report)
+        for i in range(len(src)):
+            rec = src[i]
+            if "_bad" not in rec:
+                records.append(rec)
+    if not records:
+        raise DataError("\n".join([f"{spec}: no usable {what}"] + [line for r in reports for line in r.lines()]))
+    return records, reports

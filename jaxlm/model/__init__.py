@@ -15,11 +15,11 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.model.cache import cache_bytes, init_cache
-from jaxlm.model.config import AttentionConfig, ConfigError, ModelConfig
+from jaxlm.model.config import AttentionConfig, ConfigError, LoraConfig, ModelConfig
 from jaxlm.model.decoder import Decoder, positions_from_segments
 
 __all__ = [
-    "AttentionConfig", "ConfigError", "Decoder", "ModelConfig", "cache_bytes", "forward", "init_cache",
+    "AttentionConfig", "ConfigError", "Decoder", "LoraConfig", "ModelConfig", "cache_bytes", "forward", "init_cache",
     "init_params", "logical_axes", "positions_from_segments",
 ]
 
@@ -42,7 +42,8 @@ def logical_axes(config: ModelConfig) -> dict:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None):
-    """Logits [B, T, V] (float32) for tokens [B, T]; see `Decoder` for positions and segment_ids.
-    Jitted (the config is static), so repeated calls with the same shapes reuse one compilation."""
-    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids)
+def forward(config: ModelConfig, params, tokens, positions=None, segment_ids=None, adapter_ids=None):
+    """Logits [B, T, V] (float32) for tokens [B, T]; see `Decoder` for positions, segment_ids and
+    adapter_ids (LoRA routing, jaxlm.model.lora). Jitted (the config is static), so repeated calls with
+    the same shapes reuse one compilation."""
+    return Decoder(config).apply({"params": params}, tokens, positions, segment_ids, adapter_ids=adapter_ids)

@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm.model.attention import Attention, dtype_of, kernel_param
+from jaxlm.model.attention import Attention
 from jaxlm.model.config import ModelConfig
+from jaxlm.model.layers import MLP, RMSNorm, kernel_param
+from jaxlm.model.ops import dtype_of, write_rows
 from jaxlm.model.rope import rope_tables
 
 REMAT = {
@@ -16,43 +18,6 @@ REMAT = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
 }
-
-
-class RMSNorm(nn.Module):
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        init = nn.with_logical_partitioning(nn.initializers.ones, ("embed",))
-        scale = self.param("scale", init, (x.shape[-1],), dtype_of(c.param_dtype))
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + c.rms_norm_eps)
-        return (scale.astype(jnp.float32) * y).astype(dtype_of(c.dtype))
-
-
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)), gate and up fused in one kernel or split in two."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        dt = dtype_of(c.dtype)
-        d, m = c.hidden_size, c.intermediate_size
-        if c.fused_mlp:
-            wi = kernel_param(self, "wi", (d, 2, m), ("embed", None, "mlp"), c)
-            h = jnp.einsum("btd,dkm->btkm", x, wi.astype(dt))
-            gate, up = h[:, :, 0], h[:, :, 1]
-        else:
-            wg = kernel_param(self, "wi_gate", (d, m), ("embed", "mlp"), c)
-            wu = kernel_param(self, "wi_up", (d, m), ("embed", "mlp"), c)
-            gate = jnp.einsum("btd,dm->btm", x, wg.astype(dt))
-            up = jnp.einsum("btd,dm->btm", x, wu.astype(dt))
-        h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
-        wo = kernel_param(self, "wo", (m, d), ("mlp", "embed"), c)
-        return nn.with_logical_constraint(jnp.einsum("btm,md->btd", h, wo.astype(dt)), ("batch", "length", "embed"))
 
 
 class Block(nn.Module):
@@ -65,7 +30,7 @@ class Block(nn.Module):
         h = RMSNorm(self.config, name="attn_norm")(x)
         a, new_cache, carried = Attention(self.config, name="attn")(h, ctx, layer_xs, carried)
         x = x + a
-        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x))
+        x = x + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(x), ctx)
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         return (x, carried), (new_cache, h if self.collect else None)
 
@@ -83,8 +48,12 @@ class Decoder(nn.Module):
     """Phi-3 / Phi-4-mini decoder.
 
     __call__(tokens [B, T], positions=None, segment_ids=None, cache=None, return_hidden=False,
-             retrieval=None)
+             retrieval=None, adapter_ids=None, inputs_embeds=None)
       -> logits [B, T, V] float32 (or final hidden states), plus the updated cache when one is given.
+    adapter_ids [B]: the LoRA adapter of each row (config.lora.adapters[i]; -1 none; None: the first
+    adapter for every row), in training, prefill and cached decoding alike (jaxlm.model.lora); a
+    'dropout' rng turns on the adapters' dropout. inputs_embeds [B, T, d]: the input embeddings to use
+    instead of looking up `tokens` (multimodal features spliced in, jaxlm.model.multimodal).
     segment_ids: tokens attend only within their segment; 0 marks padding. Default positions restart
     at every segment boundary (so a packed row equals its documents run alone).
     retrieval: the datastore of kNN-retrieval attention (jaxlm.infer.retrieval), cache mode only.
@@ -104,7 +73,7 @@ class Decoder(nn.Module):
         self.layers = nn.scan(
             block,
             variable_axes={"params": 0},
-            split_rngs={"params": True},
+            split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, 0),
             length=c.num_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
@@ -127,13 +96,14 @@ class Decoder(nn.Module):
         out = jnp.einsum("...d,dv->...v", hidden.astype(dt), w.astype(dt), preferred_element_type=jnp.float32)
         return nn.with_logical_constraint(out, ("batch", "length", "vocab")) if out.ndim == 3 else out
 
-    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False, retrieval=None):
+    def __call__(self, tokens, positions=None, segment_ids=None, cache=None, return_hidden=False, retrieval=None,
+                 adapter_ids=None, inputs_embeds=None):
         b, t = tokens.shape
         if positions is None:
             if segment_ids is not None:
                 positions = positions_from_segments(segment_ids)
             else:
-                start = 0 if cache is None else cache["index"]
+                start = 0 if cache is None else jnp.reshape(cache["index"], (-1, 1))  # [1|B, 1]
                 positions = jnp.broadcast_to(start + jnp.arange(t)[None], (b, t))
         cos, sin = rope_tables(self.config, positions)
         ctx = {"cos": cos, "sin": sin, "q_seg": segment_ids, "positions": positions}
@@ -142,18 +112,22 @@ class Decoder(nn.Module):
         if cache is None:
             ctx["q_idx"] = jnp.arange(t)
         else:
-            idx = cache["index"]
+            idx = cache["index"]  # a scalar, or [B]: each row's next slot (rows at different lengths)
             q_seg = segment_ids if segment_ids is not None else jnp.ones((b, t), jnp.int32)
-            k_seg = jax.lax.dynamic_update_slice(cache["segment_ids"], q_seg.astype(jnp.int32), (0, idx))
-            ctx.update(q_idx=idx + jnp.arange(t), q_seg=q_seg, k_seg=k_seg, index=idx)
+            k_seg = write_rows(cache["segment_ids"], q_seg.astype(jnp.int32), idx)
+            q_idx = (idx if jnp.ndim(idx) == 0 else idx[:, None]) + jnp.arange(t)
+            ctx.update(q_idx=q_idx, q_seg=q_seg, k_seg=k_seg, index=idx)
             if "ks" in cache:  # S2-compressed: caches of two shapes, carried through the layers
                 carried = {n: cache[n] for n in ("k", "v", "ks", "vs", "blk")}
             else:
                 layer_xs.update(k=cache["k"], v=cache["v"])
         if retrieval is not None:
             ctx["retrieval"] = retrieval
+        if adapter_ids is not None:
+            ctx["adapter_ids"] = jnp.broadcast_to(jnp.asarray(adapter_ids, jnp.int32), (b,))
 
-        x = self.embed(tokens)
+        x = self.embed(tokens) if inputs_embeds is None else nn.with_logical_constraint(
+            inputs_embeds.astype(dtype_of(self.config.dtype)), ("batch", "length", "embed"))
         (x, carried), (new_layer_caches, collected) = self.layers((x, carried), ctx, layer_xs)
         h = self.final_norm(x)
         out = h if return_hidden else self.logits(h)

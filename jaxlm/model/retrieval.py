@@ -23,9 +23,16 @@ one [Tq*Hq, d] x [d, S] product. (With strong GQA a datastore of un-rotated K an
 RoPE. Rotation makes q.k depend on the key's position, which one position-free datastore cannot hold,
 so the *search* uses un-rotated folded queries against un-rotated x (the content part of the score;
 exact for the un-rotated features of partial RoPE). The *attention* is then exact for what was
-retrieved: the keys and values of the k entries are recomputed from x (k = W_k^T x, v = W_v^T x), the
-keys rotated at the entries' positions `pos`, and scored with the rotated query q, in the same
-softmax as the local cache. With k >= the number of entries this is full attention.
+retrieved: the keys and values of the k entries are recomputed from x (k = W_k^T x + b_k,
+v = W_v^T x + b_v), the keys rotated at the entries' positions `pos`, and scored with the rotated query
+q, in the same softmax as the local cache. With k >= the number of entries this is full attention.
+(A key bias adds q_j . b_k to every entry's score alike, so the search ignores it.)
+
+Long local prefills. An empty datastore (`rctx = {}`) means local attention only; queries beyond
+LOCAL_BLOCK are then computed in query blocks whose keys stop at the block's last visible slot
+(`local_attention`): the same causal attention in half the arithmetic and a fraction of the memory of
+one [Tq, S] score matrix. The datastore encoder and the dense prefills of jaxlm.infer.retrieval run
+through it, so an 8K-token window needs a few hundred MB, not 7 GB.
 """
 
 from __future__ import annotations
@@ -34,11 +41,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.attention import NEG_INF, dense_attention
 from jaxlm.model.config import ModelConfig
+from jaxlm.model.ops import NEG_INF, attend
 from jaxlm.model.rope import apply_rope, rope_tables
 
 QUERY_BLOCK = 16  # queries searched at once: bounds the [Tq, Hq, k, d] gather during a window prefill
+LOCAL_BLOCK = 128  # query block of long local prefills (128 was the fastest on a 2-core CPU at 8K tokens)
+
+
+def local_attention(q_BxTqxHqxD, k_BxSxHkvxD, v_BxSxHkvxD, mask, block: int = LOCAL_BLOCK):
+    """ops.attend for masks that are causal by slot (every mask the model builds), computed in blocks
+    of `block` queries: block [q0, q1) reads only the keys [0, S - Tq + q1), the last slot any of its
+    queries can see (queries sit at slots index + t with index <= S - Tq, in cache mode or not).
+    Head-major layouts keep the score blocks [Hkv, G, block, keys] free of transposes."""
+    b, tq, hq, d = q_BxTqxHqxD.shape
+    s, hkv = k_BxSxHkvxD.shape[1], k_BxSxHkvxD.shape[2]
+    if tq <= block:
+        return attend(q_BxTqxHqxD, k_BxSxHkvxD, v_BxSxHkvxD, mask)
+    q_BxHxGxTxD = jnp.transpose(q_BxTqxHqxD.reshape(b, tq, hkv, hq // hkv, d), (0, 2, 3, 1, 4))
+    k_BxHxSxD = jnp.transpose(k_BxSxHkvxD, (0, 2, 1, 3))
+    v_BxHxSxD = jnp.transpose(v_BxSxHkvxD, (0, 2, 1, 3))
+    mask = mask[:, None, None] if mask.ndim == 3 else mask[:, :, None]  # [B|1, 1|Hkv, 1, Tq, S]
+    outs = []
+    for q0 in range(0, tq, block):
+        q1 = min(q0 + block, tq)
+        e = s - tq + q1
+        sc = jnp.einsum("bhgqd,bhkd->bhgqk", q_BxHxGxTxD[:, :, :, q0:q1], k_BxHxSxD[:, :, :e],
+                        preferred_element_type=jnp.float32) * (d ** -0.5)
+        sc = jnp.where(mask[..., q0:q1, :e], sc, NEG_INF)
+        p = jnp.exp(sc - jnp.max(sc, axis=-1, keepdims=True))
+        o = jnp.einsum("bhgqk,bhkd->bhgqd", p.astype(v_BxSxHkvxD.dtype), v_BxHxSxD[:, :, :e],
+                       preferred_element_type=jnp.float32)
+        outs.append(o / jnp.sum(p, axis=-1, keepdims=True))
+    o = jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).reshape(b, tq, hq, d)
+    return o.astype(q_BxTqxHqxD.dtype)
 
 
 def fold_queries(q_raw, wk):
@@ -68,7 +104,7 @@ def _gather(x, idx):
     return jax.vmap(lambda xb, ib: xb[ib])(x, idx)
 
 
-def _attend(c: ModelConfig, q_raw, q, k, v, mask, h, valid, pos, wk, wv):
+def _attend(c: ModelConfig, q_raw, q, k, v, mask, h, valid, pos, wk, wv, bk, bv):
     """Retrieval + local attention for one block of queries; shapes as in `retrieval_attention`."""
     r = c.attention.retrieval
     b, tq, hq, dh = q.shape
@@ -81,6 +117,9 @@ def _attend(c: ModelConfig, q_raw, q, k, v, mask, h, valid, pos, wk, wv):
     wk_q, wv_q = jnp.repeat(wk, g, axis=1), jnp.repeat(wv, g, axis=1)  # per query head [d, Hq, D]
     kr = jnp.einsum("bthjd,dhk->bthjk", xs, wk_q.astype(xs.dtype))
     vr = jnp.einsum("bthjd,dhk->bthjk", xs, wv_q.astype(xs.dtype))
+    if bk is not None:  # [Hkv, D] biases (Qwen2), per query head
+        kr = kr + jnp.repeat(bk, g, axis=0)[:, None].astype(kr.dtype)
+        vr = vr + jnp.repeat(bv, g, axis=0)[:, None].astype(vr.dtype)
     cos, sin = rope_tables(c, _gather(pos, idx).reshape(b, -1))
     kr = apply_rope(kr.reshape(b, -1, 1, dh), cos, sin).reshape(kr.shape)
 
@@ -97,25 +136,29 @@ def _attend(c: ModelConfig, q_raw, q, k, v, mask, h, valid, pos, wk, wv):
     return (o + o_loc.reshape(b, tq, hq, dh)).astype(q.dtype)
 
 
-def retrieval_attention(c: ModelConfig, q_raw, q, k, v, mask, layer, rctx, wk, wv):
-    """Attention output [B, Tq, Hq, D] of one layer in cache mode.
+def retrieval_attention(c: ModelConfig, q_raw, q, k, v, mask, layer, rctx, wk, wv, bk=None, bv=None):
+    """Attention output [B, Tq, Hq, D] of one layer.
 
-    q_raw [B, Tq, Hq, D] queries before RoPE, q after; k, v [B, S, Hkv, D] the local cache (keys
-    rotated); mask [B|1, Tq, S] the local causal/segment mask; layer: the (traced) layer index inside
-    nn.scan; rctx: the datastore (module docstring); wk, wv [d, Hkv, D] this layer's projections.
-    Layers whose slot is -1 return plain local attention: every layer runs the same scanned body, so
-    the choice is a lax.cond on the layer's slot (only the taken branch runs).
+    q_raw [B, Tq, Hq, D] queries before RoPE (biases included), q after; k, v [B, S, Hkv, D] the local
+    cache (keys rotated), or the window's own keys outside cache mode; mask [B|1, Tq, S] the local
+    causal/segment mask; layer: the (traced) layer index inside nn.scan; rctx: the datastore (module
+    docstring), or {} for local attention only; wk, wv [d, Hkv, D] this layer's projections, bk, bv
+    [Hkv, D] their biases or None. Layers whose slot is -1 return plain local attention: every layer
+    runs the same scanned body, so the choice is a lax.cond on the layer's slot (only the taken branch
+    runs).
     """
-    slot = rctx["slot"][layer]
-
     def local():
-        return dense_attention(q, k, v, mask)
+        return local_attention(q, k, v, mask)
+
+    if "h" not in rctx:
+        return local()
+    slot = rctx["slot"][layer]
 
     def retrieve():
         h = jax.lax.dynamic_index_in_dim(rctx["h"], jnp.maximum(slot, 0), 0, keepdims=False)
         tq = q.shape[1]
         if tq <= QUERY_BLOCK:
-            return _attend(c, q_raw, q, k, v, mask, h, rctx["valid"], rctx["pos"], wk, wv)
+            return _attend(c, q_raw, q, k, v, mask, h, rctx["valid"], rctx["pos"], wk, wv, bk, bv)
         nb = -(-tq // QUERY_BLOCK)
         pad = nb * QUERY_BLOCK - tq
 
@@ -124,7 +167,7 @@ def retrieval_attention(c: ModelConfig, q_raw, q, k, v, mask, layer, rctx, wk, w
             return jnp.moveaxis(x.reshape(x.shape[0], nb, QUERY_BLOCK, *x.shape[2:]), 1, 0)
 
         m = jnp.broadcast_to(mask, (q.shape[0],) + mask.shape[1:])
-        out = jax.lax.map(lambda a: _attend(c, a[0], a[1], k, v, a[2], h, rctx["valid"], rctx["pos"], wk, wv),
+        out = jax.lax.map(lambda a: _attend(c, a[0], a[1], k, v, a[2], h, rctx["valid"], rctx["pos"], wk, wv, bk, bv),
                           (blocks(q_raw), blocks(q), blocks(m)))
         out = jnp.moveaxis(out, 0, 1).reshape(q.shape[0], nb * QUERY_BLOCK, *q.shape[2:])
         return out[:, :tq]

@@ -1,4 +1,4 @@
-"""Rotary position embeddings: partial rotation, rotate_half layout, LongRoPE.
+"""Rotary position embeddings: partial rotation, rotate_half layout, LongRoPE, Llama-3 scaling.
 
 Layout follows Phi-3 / Hugging Face: the first `rotary_dim` features of each head are rotated,
 pairing feature i with feature i + rotary_dim/2 (`rotate_half`, not interleaved pairs); the rest
@@ -24,7 +24,23 @@ def inverse_frequencies(config: ModelConfig, factors=None) -> np.ndarray:
     inv = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
     if factors is not None:
         inv = inv / np.asarray(factors, np.float32)
+    if config.rope_scaling == "llama3":
+        inv = llama3_frequencies(inv, config)
     return inv.astype(np.float32)
+
+
+def llama3_frequencies(inv: np.ndarray, config: ModelConfig) -> np.ndarray:
+    """Llama 3.1's rope scaling: wavelengths longer than orig / low_freq_factor are stretched by
+    `factor`, those shorter than orig / high_freq_factor are kept, and the band between is a linear
+    blend in orig / wavelength."""
+    orig, factor = config.original_max_position_embeddings, config.rope_factor
+    low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+    wavelen = 2 * np.pi / inv
+    scaled = np.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return np.where(medium, blended, scaled)
 
 
 def rope_tables(config: ModelConfig, positions: jnp.ndarray):

@@ -24,14 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.model.attention import NEG_INF, dense_attention, dtype_of
+from jaxlm.kernels.s2_attention import S2Pattern, s2_attention
 from jaxlm.model.config import ModelConfig
+from jaxlm.model.ops import NEG_INF, attend, dtype_of, write_rows
 
 
 # ----------------------------------------------------------------------------- pattern
 def pattern(config: ModelConfig, seq_len: int):
-    from jaxlm.kernels.s2_attention import S2Pattern
-
     s = config.attention.s2
     return S2Pattern(num_heads=config.num_heads, seq_len=seq_len, block_size=s.block_size,
                      local_blocks=s.local_blocks, vert_stride=s.vert_stride, homo_head=s.homo_head,
@@ -90,18 +89,6 @@ def block_allowed(config: ModelConfig, qb, kb):
     return local | vert | (dense_head & order)
 
 
-def masked_attention(q, k, v, mask):
-    """GQA softmax attention with a per-KV-head mask [B|1, Hkv, Tq, Tk]."""
-    b, tq, hq, d = q.shape
-    hkv = k.shape[2]
-    qg = q.reshape(b, tq, hkv, hq // hkv, d)
-    s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k, preferred_element_type=jnp.float32) * d ** -0.5
-    s = jnp.where(mask[:, :, None], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1).astype(v.dtype)
-    o = jnp.einsum("bhgqk,bkhd->bqhgd", p, v, preferred_element_type=jnp.float32)
-    return o.reshape(b, tq, hq, d).astype(q.dtype)
-
-
 def position_mask(config: ModelConfig, q_pos, k_pos, base_mask):
     """base mask [B|1, Tq, Tk] and the S2 rule on positions -> [B, Hkv, Tq, Tk]."""
     bs = config.attention.s2.block_size
@@ -112,8 +99,6 @@ def position_mask(config: ModelConfig, q_pos, k_pos, base_mask):
 # ----------------------------------------------------------------------------- training / full sequences
 def train_core(config: ModelConfig, q, k, v, mask, segment_ids, layer):
     """Attention over whole rows: the S2 kernel for sparse layers, dense attention for dense layers."""
-    from jaxlm.kernels.s2_attention import s2_attention
-
     is_dense, _ = slot_tables(config)
     pat = pattern(config, q.shape[1])
 
@@ -123,8 +108,8 @@ def train_core(config: ModelConfig, q, k, v, mask, segment_ids, layer):
     if not is_dense.any():
         return sparse()
     if is_dense.all():
-        return dense_attention(q, k, v, mask)
-    return jax.lax.cond(jnp.asarray(is_dense)[layer], lambda: dense_attention(q, k, v, mask), sparse)
+        return attend(q, k, v, mask)
+    return jax.lax.cond(jnp.asarray(is_dense)[layer], lambda: attend(q, k, v, mask), sparse)
 
 
 def full_cache_core(config: ModelConfig, q, k, v, mask, ctx, layer):
@@ -134,9 +119,9 @@ def full_cache_core(config: ModelConfig, q, k, v, mask, ctx, layer):
     k_pos = jnp.maximum(jnp.cumsum(k_seg > 0, axis=1) - 1, 0)
     m = position_mask(config, ctx["positions"], k_pos, mask)
     if not is_dense.any():
-        return masked_attention(q, k, v, m)
-    return jax.lax.cond(jnp.asarray(is_dense)[layer], lambda: dense_attention(q, k, v, mask),
-                        lambda: masked_attention(q, k, v, m))
+        return attend(q, k, v, m)
+    return jax.lax.cond(jnp.asarray(is_dense)[layer], lambda: attend(q, k, v, mask),
+                        lambda: attend(q, k, v, m))
 
 
 # ----------------------------------------------------------------------------- compressed cache
@@ -229,9 +214,9 @@ def compressed_core(config: ModelConfig, q, k, v, mask, ctx, layer, carried, max
 
     def dense_branch(carried):
         sl = jnp.asarray(slot)[layer]
-        kc = jax.lax.dynamic_update_slice(carried["k"][sl], k.astype(carried["k"].dtype), (0, idx, 0, 0))
-        vc = jax.lax.dynamic_update_slice(carried["v"][sl], v.astype(carried["v"].dtype), (0, idx, 0, 0))
-        o = dense_attention(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)
+        kc = write_rows(carried["k"][sl], k, idx)
+        vc = write_rows(carried["v"][sl], v, idx)
+        o = attend(q, kc.astype(q.dtype), vc.astype(q.dtype), mask)
         return o, dict(carried, k=carried["k"].at[sl].set(kc), v=carried["v"].at[sl].set(vc))
 
     def sparse_branch(carried):
@@ -244,7 +229,7 @@ def compressed_core(config: ModelConfig, q, k, v, mask, ctx, layer, carried, max
         trash = blk.shape[-1] - 1
         blk = blk.at[:, :, trash].set(-1)
         if tq > 1:  # prefill from an empty cache: the new tokens (slots 0..tq) among themselves
-            o = masked_attention(q, k, v, position_mask(config, pos, pos, mask[:, :, :tq]))
+            o = attend(q, k, v, position_mask(config, pos, pos, mask[:, :, :tq]))
         else:
             o = _attend_compressed(config, q, ks, vs, blk, pos[:, 0], max_len)
         new = dict(carried, ks=carried["ks"].at[sl].set(ks), vs=carried["vs"].at[sl].set(vs),

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize
 
-from jaxlm.scaling.errors import ScalingError  # noqa: F401 - re-exported
+from jaxlm.errors import ScalingError
 
 HUBER_DELTA = 1e-3  # Chinchilla's delta for residuals of log-loss
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")

@@ -24,8 +24,8 @@ from collections.abc import Iterable
 import numpy as np
 from scipy import stats
 
+from jaxlm.errors import ScalingError
 from jaxlm.scaling import fitting
-from jaxlm.scaling.fitting import ScalingError
 
 COLUMNS = ("D", "lr", "loss")
 BETA = 0.32  # Bjorck et al.'s exponent at the larger model sizes

@@ -25,8 +25,8 @@ import numpy as np
 from scipy import stats
 from scipy.optimize import minimize
 
+from jaxlm.errors import ScalingError
 from jaxlm.scaling import fitting
-from jaxlm.scaling.fitting import ScalingError
 
 PARAMS = ("E", "A", "alpha", "B", "beta", "gamma")
 COLUMNS = ("family", "N", "D", "p", "loss")

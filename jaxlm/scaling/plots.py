@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxlm.errors import ScalingError
 from jaxlm.scaling import lr_horizon, multilingual
-from jaxlm.scaling.fitting import ScalingError
 
 
 def _figure(width, height):

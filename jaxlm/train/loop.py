@@ -1,4 +1,4 @@
-"""The one impure training loop: data, jitted steps, evaluation, checkpoints, logs, progress.
+"""The one impure training loop: data, jitted steps, evaluation, checkpoints, logs, progress, signals.
 
 Everything it calls is pure (steps, losses, the model); this file owns processes, files and time.
 Language-model training and preference training share it: a `Task` supplies the data stream, the
@@ -10,87 +10,118 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import time
-from pathlib import Path
-from typing import Any
+import os
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 
 from jaxlm import checkpoint, parallel
-from jaxlm import config as C
 from jaxlm.data import pipeline
+from jaxlm.data.config import DataConfig
 from jaxlm.data.tokenizer import Tokenizer, load_tokenizer
-from jaxlm.model import Decoder, ModelConfig, logical_axes
-from jaxlm.model.config import ConfigError
-from jaxlm.train import metrics as M
-from jaxlm.train import state as S
+from jaxlm.errors import ConfigError, DataError, Interrupted, TrainingError
+from jaxlm.model import Decoder, ModelConfig, logical_axes, lora
+from jaxlm.train import state as train_state
 from jaxlm.train import steps
+from jaxlm.train.config import RunConfig
+from jaxlm.train.metrics import Reporter, RunLog, StepTimer, peak_flops_per_device
+from jaxlm.train.preemption import StopSignals
 
 log = logging.getLogger(__name__)
 MAX_GROUPS = 256
-BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
-
-class TrainingError(RuntimeError):
-    pass
+__all__ = ["LMTask", "Run", "Task", "TrainResult", "Trainer", "evaluate_lm", "initial_params", "make_trainer",
+           "params_shardings", "train"]
 
 
 # ----------------------------------------------------------------------------- tasks
-class LMTask:
-    """Next-token prediction on packed text or chat data. A task supplies the data stream, the loss,
-    the frozen arrays the loss reads (none here) and the evaluation; the loop does the rest."""
+@dataclasses.dataclass
+class Run:
+    """What a task reads: the run's config, the model, the mesh, the tokenizer, where it writes."""
 
-    name = "train"
+    cfg: RunConfig
+    model_cfg: ModelConfig
+    mesh: Any
+    tok: Tokenizer
+    log_dir: Any
+    console: Console
+
+
+class Task(Protocol):
+    """What the loop trains: language modelling (`LMTask`) or preference optimisation
+    (`jaxlm.align.train.AlignTask`)."""
+
+    batch_keys: tuple[str, ...]  # the arrays of a batch the step reads
+
+    def rows(self, cfg: RunConfig) -> int:
+        """Rows of seq_len tokens in one global batch."""
+
+    def data(self, run: Run):
+        """The training stream: `.reports` (per source) and `.iterator(process_index, process_count)`."""
+
+    def loss_fn(self, run: Run):
+        """`loss_fn(params, batch, frozen) -> (summed loss, weight, aux sums)`, or None for the LM loss."""
+
+    def frozen(self, run: Run):
+        """Arrays the loss reads but never trains (a reference model's params), or None."""
+
+    def evaluate(self, run: Run, params) -> dict:
+        """Held-out metrics ({} when there is no held-out data)."""
+
+
+class LMTask:
+    """Next-token prediction on packed text or chat data."""
+
+    batch_keys = pipeline.BATCH_KEYS
+
+    def rows(self, cfg: RunConfig) -> int:
+        return cfg.train.batch_size
 
     def data(self, run: Run):
         cfg = run.cfg
-        dc = pipeline.DataConfig.from_config(cfg.data, cfg.data.train, run.tok)
         shards = cfg.data.num_shards or jax.process_count()
-        return pipeline.TrainData(dc, cfg.train.batch_size, shards, cfg.train.seed)
+        return pipeline.TrainData(cfg.data, cfg.data.train, run.tok, cfg.train.batch_size, shards, cfg.train.seed)
 
-    def rows(self, cfg) -> int:
-        """Rows of seq_len tokens in one global batch."""
-        return cfg.train.batch_size
-
-    def batch_keys(self):
-        return BATCH_KEYS
-
-    def loss_fn(self, model_cfg: ModelConfig, cfg):
-        return None  # steps.make_train_step's default: the LM loss
+    def loss_fn(self, run: Run):
+        return None
 
     def frozen(self, run: Run):
         return None
 
     def evaluate(self, run: Run, params) -> dict:
-        if not run.cfg.data.eval:
+        cfg = run.cfg
+        if not cfg.data.eval:
             return {}
-        return evaluate_lm(run.model_cfg, params, run.cfg, run.mesh, run.tok, run.cfg.data.eval,
-                           run.cfg.train.eval_batches)
+        return evaluate_lm(run.model_cfg, params, cfg.data, cfg.data.eval, run.tok, run.mesh, cfg.parallel.rules,
+                           cfg.train.batch_size, cfg.train.loss_chunk, cfg.train.eval_batches, cfg.data.group_field)
 
 
 @dataclasses.dataclass
-class Run:
-    cfg: Any
-    model_cfg: ModelConfig
-    mesh: Any
-    tok: Tokenizer
-    log_dir: Path
-    console: Console
+class TrainResult:
+    last: dict  # the last logged training metrics
+    eval: dict  # the last evaluation ({} when none ran)
+    state: Any  # the final TrainState
+    run: Run
+    data: dict  # data counters (records, tokens per source, bad rows)
 
 
 # ----------------------------------------------------------------------------- state
+def _init_fn(model_cfg: ModelConfig):
+    def model_init(rng):
+        return Decoder(model_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return model_init
+
+
 def state_shardings(model_cfg: ModelConfig, tx, mesh, rules, seed: int):
     """(create fn, abstract state, NamedSharding tree) for a TrainState on this mesh."""
     import flax.linen as nn
 
-    def model_init(rng):
-        return Decoder(model_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-
     def create():
-        return S.create(model_init, tx, jax.random.PRNGKey(seed))
+        return train_state.create(_init_fn(model_cfg), tx, jax.random.PRNGKey(seed))
 
     abstract = jax.eval_shape(create)
     specs = nn.get_partition_spec(abstract)
@@ -105,18 +136,18 @@ def params_shardings(model_cfg: ModelConfig, mesh, rules):
 
 
 def initial_params(model_cfg: ModelConfig, seed: int, mesh, rules):
-    """The params a fresh run with this seed starts from (what S.create draws), sharded for mesh."""
+    """The params a fresh run with this seed starts from (what `train_state.create` draws), sharded for mesh."""
     import flax.linen as nn
 
     rng = jax.random.split(jax.random.PRNGKey(seed))[0]
     with parallel.sharding_context(mesh, rules):
-        return jax.jit(lambda: nn.meta.unbox(Decoder(model_cfg).init(rng, jnp.zeros((1, 1), jnp.int32))["params"]),
+        return jax.jit(lambda: nn.meta.unbox(_init_fn(model_cfg)(rng)),
                        out_shardings=params_shardings(model_cfg, mesh, rules))()
 
 
 @dataclasses.dataclass
 class Trainer:
-    """The jitted pieces of training on one mesh: `init()` -> state, `step(state, batch[, frozen])`."""
+    """The jitted pieces of training on one mesh: `init_state()` -> state, `trainer(state, batch[, frozen])`."""
 
     init: Any
     step: Any
@@ -127,9 +158,10 @@ class Trainer:
     with_frozen: bool = False
 
     def target(self):
-        """The abstract state with shardings attached (what a restore needs)."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            self.abstract, self.shardings)
+        """The abstract state with shardings attached (what a restore needs). The shardings tree has a
+        leaf where frozen params' optimizer state is an empty `MaskedNode` (train.trainable, LoRA)."""
+        return jax.tree.map(lambda s, a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s) if hasattr(a, "shape")
+                            else a, self.shardings, self.abstract)
 
     def init_state(self):
         with parallel.sharding_context(self.mesh, self.rules):
@@ -142,15 +174,17 @@ class Trainer:
             return self.step(state, batch, frozen) if self.with_frozen else self.step(state, batch)
 
 
-def make_trainer(model_cfg: ModelConfig, cfg, mesh, tx=None, loss_fn=None, frozen_shardings=None) -> Trainer:
+def make_trainer(model_cfg: ModelConfig, cfg: RunConfig, mesh, tx=None, loss_fn=None,
+                 frozen_shardings=None) -> Trainer:
     """Jit the init and the step for `mesh`. With `frozen_shardings` (for example the reference
     model's params) the step takes a third argument, read by the loss but never trained."""
     t, rules = cfg.train, cfg.parallel.rules
-    tx = tx or S.optimizer(t)
-    step_fn = steps.make_train_step(model_cfg, tx, t.grad_accum, t.loss_chunk, loss_fn)
+    tx = tx or train_state.optimizer(t, model_cfg)
+    step_fn = steps.make_train_step(model_cfg, tx, t.grad_accum, t.loss_chunk, loss_fn,
+                                    train_state.trainable_pattern(t, model_cfg))
     with parallel.sharding_context(mesh, rules):
         create, abstract, shardings = state_shardings(model_cfg, tx, mesh, rules, t.seed)
-        init = jax.jit(lambda: S.unboxed(create()), out_shardings=shardings)
+        init = jax.jit(lambda: train_state.unboxed(create()), out_shardings=shardings)
         ins = (shardings, parallel.batch_sharding(mesh))
         outs = (shardings, parallel.replicated(mesh))
         if frozen_shardings is None:
@@ -161,209 +195,214 @@ def make_trainer(model_cfg: ModelConfig, cfg, mesh, tx=None, loss_fn=None, froze
 
 
 # ----------------------------------------------------------------------------- evaluation
-def evaluate_lm(model_cfg: ModelConfig, params, cfg, mesh, tok, sources: str, max_batches: int = 0,
-                group_field: str | None = None) -> dict:
-    """Per-token perplexity over `sources`, overall and per group (cfg.data.group_field)."""
-    d = cfg.data
-    dc = pipeline.DataConfig.from_config(d, sources, tok)
-    if group_field is not None:
-        dc.group_field = group_field
-    bs = cfg.train.batch_size
-    rows = bs // jax.process_count()
-    lo = jax.process_index() * rows
-    with parallel.sharding_context(mesh, cfg.parallel.rules):
-        step = jax.jit(steps.make_eval_step(model_cfg, cfg.train.loss_chunk, MAX_GROUPS),
-                       out_shardings=parallel.replicated(mesh))
+def evaluate_lm(model_cfg: ModelConfig, params, data: DataConfig, sources: str, tok: Tokenizer, mesh, rules,
+                batch_size: int, chunk: int = 256, max_batches: int = 0, group_field: str = "") -> dict:
+    """Per-token perplexity over `sources`, overall and per value of the record field `group_field`."""
+    with parallel.sharding_context(mesh, rules):
+        step = jax.jit(steps.make_eval_step(model_cfg, chunk, MAX_GROUPS), out_shardings=parallel.replicated(mesh))
         nll = np.zeros(MAX_GROUPS)
         count = np.zeros(MAX_GROUPS)
         groups = {}
-        for batch, groups in pipeline.eval_batches(dc, bs, max_batches):
+        for batch, groups in pipeline.eval_batches(data, sources, tok, batch_size, max_batches, group_field):
             if len(groups) > MAX_GROUPS:
-                raise ConfigError(f"data.group_field {dc.group_field!r} has more than {MAX_GROUPS} values")
-            local = {k: batch[k][lo:lo + rows] for k in BATCH_KEYS + ("group",)}
+                raise ConfigError(f"the group field {group_field!r} has more than {MAX_GROUPS} values")
+            local = parallel.local_rows(batch, batch_size, pipeline.BATCH_KEYS + ("group",))
             s, n = step(params, parallel.global_batch(local, mesh))
             nll += np.asarray(s)
             count += np.asarray(n)
     total = count.sum()
     if total == 0:
-        raise TrainingError(f"evaluation data {sources!r} produced no loss tokens")
+        raise DataError(f"evaluation data {sources!r} produced no loss tokens")
     out = {"loss": float(nll.sum() / total), "tokens": int(total)}
     out["ppl"] = math.exp(out["loss"])
-    if dc.group_field:
+    if group_field:
+        if set(groups) == {""}:
+            raise DataError(f"no record of {sources!r} has the group field {group_field!r}")
         out["groups"] = {name: {"loss": float(nll[i] / count[i]), "ppl": math.exp(nll[i] / count[i]),
                                 "tokens": int(count[i])} for name, i in groups.items() if count[i]}
     return out
 
 
-# ----------------------------------------------------------------------------- the loop
-def _fmt_tokens(x):
-    return f"{x / 1e6:.2f}M" if x >= 1e6 else f"{x / 1e3:.1f}K" if x >= 1e3 else f"{x:.0f}"
+# ----------------------------------------------------------------------------- set-up
+def check_writable(path, what: str) -> None:
+    """Create `path` (a local folder) and make sure this process can write there."""
+    if "://" in str(path):
+        return
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".jaxlm-write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable ({e.strerror or e})",
+                          hint=f"choose another --config.{what}") from None
 
 
-def train(cfg, *, resume: bool = False, init_from: str | None = None, task=None,
-          console: Console | None = None) -> dict:
-    """Run training as configured. Returns the last logged metrics and the final evaluation."""
-    task = task or LMTask()
-    console = console or Console(stderr=True)
-    pa = cfg.parallel
-    parallel.initialize(pa.coordinator_address or None, pa.num_processes or None, pa.process_id)
-    C.validate(cfg)
-    model_cfg = C.model_config(cfg)
-    mesh = parallel.make_mesh(pa)
-    parallel.check_batch(task.rows(cfg), mesh, cfg.train.grad_accum)
-    if not cfg.data.tokenizer:
+def setup_run(cfg: RunConfig, console: Console, resume: bool, init_from: str | None = None) -> Run:
+    """Start the distributed runtime, build the mesh, load the tokenizer (data.tokenizer, else the
+    --init checkpoint's), check the run directory."""
+    parallel.initialize_from(cfg.parallel)
+    model_cfg = cfg.model
+    mesh = parallel.make_mesh(cfg.parallel)
+    spec = cfg.data.tokenizer or (checkpoint.load_tokenizer_spec(init_from) if init_from else None)
+    if not spec:
         raise ConfigError("data.tokenizer is empty: give a tokenizer.json, a .tiktoken file or asset:tiny_bpe.json")
-    tok = load_tokenizer(cfg.data.tokenizer)
+    tok = load_tokenizer(spec)
     if tok.vocab_size > model_cfg.vocab_size:
         raise ConfigError(f"the tokenizer has {tok.vocab_size} tokens but model.vocab_size is {model_cfg.vocab_size}")
     log_dir = checkpoint.as_path(cfg.log.dir)  # local, or gs://... (Orbax and TensorBoard write there)
-    ckpt_dir = checkpoint.as_path(cfg.checkpoint.dir or log_dir / "checkpoints")
-    run = Run(cfg, model_cfg, mesh, tok, log_dir, console)
+    if resume and not log_dir.exists():
+        raise ConfigError(f"--resume: the run directory {log_dir} does not exist",
+                          hint="check --config.log.dir, or start a new run without --resume")
+    check_writable(log_dir, "log.dir")
+    if cfg.checkpoint.dir:
+        check_writable(checkpoint.as_path(cfg.checkpoint.dir), "checkpoint.dir")
+    return Run(cfg, model_cfg, mesh, tok, log_dir, console)
+
+
+def restore_or_init(trainer: Trainer, ckpt: checkpoint.Checkpointer, it, resume: bool, init_from: str | None,
+                    console: Console):
+    """(state, first step, saved meta): the latest readable checkpoint when resuming, else fresh
+    params (or those of `init_from`)."""
+    if ckpt.steps() and not resume:
+        raise TrainingError(f"{ckpt.directory} already holds checkpoints (steps {ckpt.steps()})",
+                            hint="pass --resume to continue that run, or choose another --config.log.dir")
+    if resume:
+        restored = ckpt.restore(trainer.target(), it)
+        if restored is not None:
+            state, meta, start = restored
+            console.print(f"resumed from step {start} in {escape(str(ckpt.directory))}")
+            return state, start, meta
+        console.print(f"[yellow]nothing to resume in {escape(str(ckpt.directory))}; starting from scratch[/yellow]")
+    state = trainer.init_state()
+    if init_from:
+        state = state.replace(params=init_params_from(init_from, trainer.shardings.params, state.params))
+        console.print(f"initialised params from {escape(str(init_from))}")
+    return state, 0, {}
+
+
+def init_params_from(path, shardings, fresh):
+    """The params of checkpoint `path` for this run; a LoRA run from a checkpoint without adapters
+    takes its base from there and keeps its fresh adapters (B = 0: it starts as the base model)."""
+    saved = checkpoint.load_config(path).get("model", {}) or {}
+    if fresh is not None and lora.split(fresh)[1] and not (saved.get("lora") or {}).get("rank", 0):
+        base_sh = lora.split(shardings)[0]
+        return lora.join(checkpoint.load_params(path, base_sh), lora.split(fresh)[1])
+    return checkpoint.load_params(path, shardings)
+
+
+# ----------------------------------------------------------------------------- the loop
+def train(cfg, *, resume: bool = False, init_from: str | None = None, task: Task | None = None,
+          console: Console | None = None) -> TrainResult:
+    """Run training as configured (a RunConfig, or a ConfigDict / dict of one)."""
+    cfg = RunConfig.from_dict(cfg)
+    task = task or LMTask()
+    console = console or Console(stderr=True, soft_wrap=True)
+    run = setup_run(cfg, console, resume, init_from)
     main = jax.process_index() == 0
+    parallel.check_batch(task.rows(cfg), run.mesh, cfg.train.grad_accum)
+    t = cfg.train
 
     data = task.data(run)
     if main:
         for r in data.reports:
             for line in r.lines():
-                console.print(f"[dim]data[/dim] {line}")
+                console.print(f"[dim]data[/dim] {escape(line)}")
     it = data.iterator(jax.process_index(), jax.process_count())
-    tx = S.optimizer(cfg.train)
-    t = cfg.train
-    ckpt = checkpoint.Checkpointer(ckpt_dir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    if ckpt.steps() and not resume:
-        raise TrainingError(f"{ckpt_dir} already holds checkpoints (steps {ckpt.steps()}): pass --resume to "
-                            "continue that run, or choose another log.dir")
-    lr_at = S.schedule(t)
     frozen = task.frozen(run)
     frozen_sh = None if frozen is None else jax.tree.map(lambda x: x.sharding, frozen)
-    trainer = make_trainer(model_cfg, cfg, mesh, tx, task.loss_fn(model_cfg, cfg), frozen_sh)
-    start, meta = 0, {}
-    restored = None
-    if resume:
-        restored = ckpt.restore(trainer.target(), it)
-        if restored is None:
-            console.print(f"[yellow]nothing to resume in {ckpt_dir}; starting from scratch[/yellow]")
-    if restored:
-        state, meta, start = restored
-        console.print(f"resumed from step {start} in {ckpt_dir}")
-    else:
-        state = trainer.init_state()
-        if init_from:
-            state = state.replace(params=checkpoint.load_params(init_from, trainer.shardings.params))
-            console.print(f"initialised params from {init_from}")
-
-    runlog = M.RunLog(log_dir, cfg.log.tensorboard, resume=resume and start > 0)
-    peak, peak_src = M.peak_flops_per_device(cfg.log.peak_flops)
-    flops_tok = model_cfg.flops_per_token(cfg.data.seq_len)
-    tokens_per_step = task.rows(cfg) * cfg.data.seq_len
-    if main:
-        console.print(f"model {model_cfg.num_params / 1e6:.2f}M params; mesh {dict(mesh.shape)} on "
-                      f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} process(es); "
-                      f"peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
-    config_json = C.to_dict(cfg)
-    last_saved = start if restored else None
-    window = {"loss": [], "tokens": 0, "t0": None, "steps": 0}
-    last: dict = dict(meta.get("last", {}))
-    evals: dict = {}
-    progress = _progress(console, cfg, start) if main else None
-
-    def finish(pending):
-        """Fetch one step's metrics (a step late, so dispatch stays ahead), check, log."""
-        nonlocal last
-        s, m = pending
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        if not math.isfinite(m["loss"]):
-            good = f"the last good checkpoint is step {last_saved} in {ckpt_dir}" if last_saved is not None \
-                else "no checkpoint was saved"
-            raise TrainingError(f"non-finite loss {m['loss']} at step {s}; stopping ({good})")
-        rec = {"step": s, "loss": m["loss"], "lr": float(lr_at(s - 1)), "grad_norm": m["grad_norm"],
-               **{k: v for k, v in m.items() if k not in ("loss", "grad_norm")}}
-        window["loss"].append((m["loss"], m["tokens"]))
-        window["steps"] += 1
-        if window["t0"] is None:  # the first step's time includes compilation
-            window["t0"], window["steps"], window["loss"] = time.perf_counter(), 0, []
-        if s % cfg.log.every == 0 or s == t.steps:
-            dt = time.perf_counter() - window["t0"]
-            if window["steps"] and dt > 0:
-                tps = window["steps"] * tokens_per_step / dt
-                tflops = tps * flops_tok / jax.device_count()
-                rec.update(tokens_per_s=tps, tflops_per_device=tflops / 1e12, mfu=tflops / peak)
-            if window["loss"]:
-                w = sum(n for _, n in window["loss"])
-                rec["loss_avg"] = sum(v * n for v, n in window["loss"]) / max(w, 1)
-                rec["ppl"] = math.exp(min(rec["loss_avg"], 50))
-            window.update(loss=[], steps=0, t0=time.perf_counter())
-            if main:
-                msg = f"step {s:>6} | loss {rec.get('loss_avg', m['loss']):.4f} | lr {rec['lr']:.2e} | " \
-                      f"gnorm {m['grad_norm']:.3f}"
-                if "tokens_per_s" in rec:
-                    msg += f" | {_fmt_tokens(rec['tokens_per_s'])} tok/s | {rec['tflops_per_device']:.3f} " \
-                           f"TFLOP/s/dev | MFU {rec['mfu']:.1%}"
-                console.print(msg)
-            c = pipeline.counters(it.get_state())
-            pipeline.check_counters(c, data.reports, cfg.data.max_bad_fraction)
-        runlog.write(rec, flush=s % cfg.log.every == 0 or s == t.steps)
-        last = rec
-        if progress:
-            progress.update(s, m["loss"])
-
-    pending = None
+    trainer = make_trainer(run.model_cfg, cfg, run.mesh, train_state.optimizer(t, run.model_cfg), task.loss_fn(run),
+                           frozen_sh)
+    # a LoRA run from a base checkpoint saves its adapters and a reference to the base
+    base_ref = (checkpoint.adapter_base(init_from) if init_from and run.model_cfg.lora.enabled
+                and cfg.checkpoint.adapters_only else None)
+    ckpt = checkpoint.Checkpointer(checkpoint.as_path(cfg.checkpoint_dir), cfg.checkpoint.keep,
+                                   cfg.checkpoint.async_save)
+    report = None
+    state = None
     try:
-        for s in range(start, t.steps):
-            local = next(it)
-            state, m = trainer(state, {k: local[k] for k in task.batch_keys()}, frozen)
+        state, start, meta = restore_or_init(trainer, ckpt, it, resume, init_from, console)
+        report = _reporter(cfg, run, task, start, lambda: pipeline.check_counters(
+            pipeline.counters(it.get_state()), data.reports, cfg.data.max_bad_fraction))
+        last, evals, saved = dict(meta.get("last", {})), {}, start or None
+
+        def save(step: int):
+            nonlocal saved
+            ckpt.save(step, state, config=cfg.to_dict(), tokenizer=run.tok.spec(), data_iter=it,
+                      meta={"last": last, "data": pipeline.counters(it.get_state())}, base=base_ref)
+            saved = step
+
+        def good() -> str:
+            return f"the last good checkpoint is step {saved} in {ckpt.directory}" if saved else "no checkpoint was saved"
+
+        pending = None
+        with StopSignals() as stop:
+            for s in range(start, t.steps):
+                local = next(it)
+                if report.timer.starts_window():
+                    jax.block_until_ready(state)  # time device-ready to device-ready
+                    report.timer.start(s + 1)
+                state, m = trainer(state, {k: local[k] for k in task.batch_keys}, frozen)
+                if pending:  # metrics are fetched a step late, so dispatch stays ahead
+                    last = report.step(*pending, good())
+                pending = (s + 1, m)
+                at_end = s + 1 == t.steps
+                do_eval = at_end or (t.eval_every and (s + 1) % t.eval_every == 0)
+                do_ckpt = at_end or (cfg.checkpoint.every and (s + 1) % cfg.checkpoint.every == 0)
+                stopping = not at_end and stop.requested(s + 1)
+                if do_eval or do_ckpt or stopping:  # never save or evaluate a state not checked finite
+                    last, pending = report.step(*pending, good()), None
+                if do_ckpt or stopping:
+                    save(s + 1)
+                if stopping:
+                    ckpt.close()
+                    raise Interrupted(f"stopped at step {s + 1} by {stop.name}; checkpoint saved in "
+                                      f"{ckpt.directory}; resume with --resume", stop.exit_code)
+                if do_eval:
+                    evals = report.evaluation(s + 1, task.evaluate(run, state.params)) or evals
+                if do_eval or do_ckpt:
+                    report.timer.restart_after(s + 1)  # evaluating and saving are not throughput
             if pending:
-                finish(pending)
-            pending = (s + 1, m)
-            at_end = s + 1 == t.steps
-            do_eval = at_end or (t.eval_every and (s + 1) % t.eval_every == 0)
-            do_ckpt = at_end or (cfg.checkpoint.every and (s + 1) % cfg.checkpoint.every == 0)
-            if do_eval or do_ckpt:
-                finish(pending)
-                pending = None
-            if do_ckpt:
-                counters = pipeline.counters(it.get_state())
-                ckpt.save(s + 1, state, config=config_json, tokenizer=tok.spec(), data_iter=it,
-                          meta={"last": last, "data": counters})
-                last_saved = s + 1
-            if do_eval:
-                res = task.evaluate(run, state.params)
-                if res:
-                    evals = res
-                    rec = {"step": s + 1, **{k: v for k, v in res.items() if not isinstance(v, dict)}}
-                    runlog.write({**rec, **{f"{g}/{k}": v for g, m in res.get("groups", {}).items()
-                                            for k, v in m.items()}}, prefix="eval")
-                    if main:
-                        console.print(f"[cyan]eval step {s + 1}[/cyan] | " + " | ".join(
-                            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()
-                            if k != "step"))
-            if (do_eval or do_ckpt) and window["t0"] is not None:
-                window.update(t0=time.perf_counter(), steps=0)  # evaluating and saving are not throughput
-        if pending:
-            finish(pending)
+                last = report.step(*pending, good())
     finally:
-        if progress:
-            progress.close()
+        if report:
+            report.close()
         ckpt.close()
-        runlog.close()
         close = getattr(it, "close", None)
         if close:
             close()
-    return {"last": last, "eval": evals, "state": state, "run": run,
-            "data": pipeline.counters(it.get_state()) if hasattr(it, "get_state") else {}}
+    return TrainResult(last=last, eval=evals, state=state, run=run,
+                       data=pipeline.counters(it.get_state()) if hasattr(it, "get_state") else {})
 
 
-class _progress:  # noqa: N801
+def _reporter(cfg: RunConfig, run: Run, task, start: int, check_data) -> Reporter:
+    main = jax.process_index() == 0
+    peak, peak_src = peak_flops_per_device(cfg.log.peak_flops)
+    if main:
+        run.console.print(f"model {run.model_cfg.num_params / 1e6:.2f}M params; mesh {dict(run.mesh.shape)} on "
+                          f"{jax.device_count()} {jax.devices()[0].platform} devices, {jax.process_count()} "
+                          f"process(es); peak {peak / 1e12:.2f} TFLOP/s/device ({peak_src})")
+    timer = StepTimer(tokens_per_step=task.rows(cfg) * cfg.data.seq_len,
+                      flops_per_token=run.model_cfg.flops_per_token(cfg.data.seq_len), peak=peak)
+    runlog = RunLog(run.log_dir, cfg.log.tensorboard, resume_step=start if start else None)
+    progress = _Progress(run.console, cfg, start) if main else None
+    return Reporter(run.console if main else None, runlog, timer, progress, train_state.schedule(cfg.train),
+                    cfg.log.every, cfg.train.steps, check_data)
+
+
+class _Progress:
     """A rich progress bar with ETA on terminals; nothing otherwise (log lines carry the news)."""
 
-    def __init__(self, console: Console, cfg, start: int):
+    def __init__(self, console: Console, cfg: RunConfig, start: int):
         self.bar = None
         if not (cfg.log.progress and console.is_terminal):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                            TimeRemainingColumn(), console=console, transient=True)
+        self.bar = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), console=console,
+                            transient=True)
         self.task = self.bar.add_task("train", total=cfg.train.steps, completed=start, loss="-")
         self.bar.start()
 

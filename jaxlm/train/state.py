@@ -12,6 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxlm.model.lora import TRAINABLE as LORA_TRAINABLE
+from jaxlm.pytree import path_str
+
 
 @flax.struct.dataclass
 class TrainState:
@@ -38,10 +41,6 @@ def schedule(t) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, t.lr, warm), after], [warm])
 
 
-def path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def trainable_mask(params, pattern: str):
     """True for parameters whose path ('layers/attn/q', 'embedding', ...) matches `pattern`
     (re.search); everything when pattern is ''."""
@@ -56,15 +55,24 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda p, x: "norm" not in path_str(p) and x.ndim >= 2, params)
 
 
-def optimizer(t, params_like=None) -> optax.GradientTransformation:
-    """AdamW with clipping; frozen parameters (train.trainable) get no update and no optimizer state.
-    Gradient accumulation is done by the step itself (exact per-token mean over the whole batch)."""
+def trainable_pattern(t, model_cfg=None) -> str:
+    """train.trainable, or with LoRA adapters and no explicit pattern, the adapters alone."""
+    if not t.trainable and model_cfg is not None and model_cfg.lora.enabled:
+        return LORA_TRAINABLE
+    return t.trainable
+
+
+def optimizer(t, model_cfg=None) -> optax.GradientTransformation:
+    """AdamW with clipping; frozen parameters (train.trainable; with LoRA by default everything but the
+    adapters) get no update and no optimizer state. Gradient accumulation is done by the step itself
+    (exact per-token mean over the whole batch)."""
     adamw = optax.adamw(schedule(t), b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
                         mask=_decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(t.clip_norm), adamw) if t.clip_norm else adamw
-    if t.trainable:
+    pattern = trainable_pattern(t, model_cfg)
+    if pattern:
         def labels(params):
-            return jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(params, t.trainable))
+            return jax.tree.map(lambda m: "train" if m else "frozen", trainable_mask(params, pattern))
         tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx
 

@@ -7,12 +7,7 @@ no copy, and the body is skipped with pl.when: skipped blocks are never loaded. 
 the transposed (CSC) table the same way, one key block per program, as DKernel's backward does.
 
 GPU (Pallas on Triton): no scalar prefetch there, so `pallas_gpu.py` loops over the CSR row inside the
-kernel instead. Both share the block math below. On CPU all kernels run with interpret=True (tests).
-
-Per block (s: scores of the tile rows against one key block, float32):
-    m' = max(m, rowmax s);  p = exp(s - m');  l' = l e^(m - m') + rowsum p;  acc' = acc e^(m - m') + p v
-    backward, with lse = m + log l and delta = rowsum(o * do):
-    p = exp(s - lse);  dv += p^T do;  ds = p (do v^T - delta) scale;  dq += ds k;  dk += ds^T q
+kernel instead. Both share the block math of `blocks.py`. On CPU all kernels run with interpret=True (tests).
 """
 
 from __future__ import annotations
@@ -21,48 +16,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from .plan import Plan, from_kv_tiles, from_q_tiles, kv_tiles, make_plan, pad_len, q_tiles
+from . import pallas_gpu
+from .blocks import NEG, grad_block, mm, online_update, scores, seg_tiles, sum_kv_heads, with_vjp
+from .plan import Plan, from_q_tiles, kv_tiles, make_plan, q_tiles
 
-NEG = -1e30
 _SQ = pl.squeezed
-
-
-# ---- block math shared by the TPU and GPU kernels ----------------------------------------------
-
-def scores(q, k, scale, qi, kb, bs: int, causal: bool, seq_len: int, qseg, kseg):
-    """Masked float32 scores (R, bs) of the tile rows of query block qi against key block kb."""
-    s = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32) * scale
-    rows = jax.lax.broadcasted_iota(jnp.int32, s.shape, 0)
-    qpos = qi * bs + jnp.bitwise_and(rows, bs - 1)  # row r is token r % bs of its head
-    kpos = kb * bs + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
-    ok = kpos <= qpos if causal else kpos < seq_len
-    ok = ok & (qseg == kseg)  # (R, 1) == (1, bs)
-    return jnp.where(ok, s, NEG)
-
-
-def online_update(s, v, m, den, acc):
-    """One step of the online softmax; m, den (= l): (R, 1), acc: (R, D) float32."""
-    m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new)
-    den_new = alpha * den + p.sum(axis=1, keepdims=True)
-    pv = jax.lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
-    return m_new, den_new, alpha * acc + pv
-
-
-def grad_block(s, v, do, lse, delta, scale):
-    """(p, ds) of one block for the backward; ds already carries the softmax scale."""
-    p = jnp.exp(s - lse)
-    dp = jax.lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return p, p * (dp - delta) * scale
-
-
-def mm(a, b, contract_a: int, contract_b: int):
-    return jax.lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 # ---- TPU grid kernels --------------------------------------------------------------------------
@@ -162,18 +123,6 @@ def _tpu_specs(pl_: Plan, d: int, by_key: bool):
     return qspec, kspec, rowspec, qsspec, ksspec
 
 
-def seg_tiles(pl_: Plan, segment_ids, batch: int):
-    """(q_seg [B, nq, R, 1], k_seg [B, nk, 1, bs]); all zeros (one segment) when segment_ids is None."""
-    bs, nb = pl_.block_size, pl_.num_blocks
-    if segment_ids is None:
-        seg = jnp.zeros((batch, pl_.padded_len), jnp.int32)
-    else:
-        seg = pad_len(segment_ids.astype(jnp.int32), pl_.padded_len, value=-1)
-    blocks = seg.reshape(batch, nb, 1, bs)
-    q_seg = jnp.broadcast_to(blocks, (batch, nb, pl_.gq, bs)).reshape(batch, nb, -1, 1)
-    return q_seg, blocks
-
-
 def _call(kernel, tables, grid, in_specs, out_specs, out_shape, scratch, interpret, *args):
     semantics = ("parallel", "parallel", "parallel", "arbitrary")
     return pl.pallas_call(
@@ -231,36 +180,6 @@ def _tpu_backward(pl_: Plan, scale, interpret, q, k, v, segment_ids, o_t, lse, d
     return from_q_tiles(pl_, dq), sum_kv_heads(pl_, dk, k), sum_kv_heads(pl_, dv, v)
 
 
-def sum_kv_heads(pl_: Plan, dk, k):
-    """[B, Hn, nk, bs, D] per logical head -> [B, T, Hkv, D]: heads sharing a KV head add up."""
-    b, hn = dk.shape[:2]
-    hkv = k.shape[2]
-    dk = dk.reshape(b, hkv, hn // hkv, *dk.shape[2:]).sum(2)  # kv(n) = n // (Hn // Hkv)
-    return from_kv_tiles(pl_, dk).astype(k.dtype)
-
-
-# ---- custom VJP and entry point ----------------------------------------------------------------
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def _s2(impl, pl_, scale, interpret, q, k, v, segment_ids):
-    return from_q_tiles(pl_, impl.forward(pl_, scale, interpret, q, k, v, segment_ids)[0])
-
-
-def _s2_fwd(impl, pl_, scale, interpret, q, k, v, segment_ids):
-    o_t, lse = impl.forward(pl_, scale, interpret, q, k, v, segment_ids)
-    return from_q_tiles(pl_, o_t), (q, k, v, segment_ids, o_t, lse)
-
-
-def _s2_bwd(impl, pl_, scale, interpret, res, do):
-    q, k, v, segment_ids, o_t, lse = res
-    dq, dk, dv = impl.backward(pl_, scale, interpret, q, k, v, segment_ids, o_t, lse, do)
-    dseg = None if segment_ids is None else np.zeros(segment_ids.shape, jax.dtypes.float0)
-    return dq, dk, dv, dseg
-
-
-_s2.defvjp(_s2_fwd, _s2_bwd)
-
-
 class _TPU:
     forward = staticmethod(_tpu_forward)
     backward = staticmethod(_tpu_backward)
@@ -284,9 +203,7 @@ def attention(q, k, v, pattern, *, segment_ids=None, scale: float | None = None,
         interpret = jax.default_backend() == "cpu"
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "gpu":
-        from . import pallas_gpu
-
         pl_ = make_plan(pattern, q.shape[1], q.shape[2], k.shape[2], merge_groups=False)
-        return _s2(pallas_gpu.GPU, pl_, scale, interpret, q, k, v, segment_ids)
+        return with_vjp(pallas_gpu.GPU, pl_, scale, interpret, q, k, v, segment_ids)
     pl_ = make_plan(pattern, q.shape[1], q.shape[2], k.shape[2])
-    return _s2(_TPU, pl_, scale, interpret, q, k, v, segment_ids)
+    return with_vjp(_TPU, pl_, scale, interpret, q, k, v, segment_ids)

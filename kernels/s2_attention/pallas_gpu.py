@@ -5,7 +5,7 @@ GPU Pallas has no scalar prefetch, so one program owns one query tile (forward, 
 stay in global memory as whole-sequence refs; only the listed blocks are loaded with `ref[pl.ds(...)]`,
 so skipped blocks are never read. Tile rows must be a power of two on Triton, hence one query head per
 program (plan with merge_groups=False) and head_dim a power of two. The block math is shared with the
-TPU kernels (pallas.py).
+TPU kernels (blocks.py).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from .pallas import NEG, grad_block, mm, online_update, scores, seg_tiles, sum_kv_heads
+from .blocks import NEG, grad_block, mm, online_update, scores, seg_tiles, sum_kv_heads
 from .plan import Plan, from_q_tiles, kv_tiles, q_tiles
 
 _SQ = pl.squeezed

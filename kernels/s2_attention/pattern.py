@@ -99,12 +99,6 @@ class S2Pattern:
         """Compact bool layout (layout_heads, nq, nk); cached, read-only."""
         return _s2_layout(self)
 
-    def head_blocks(self, head: int, q_block: int) -> np.ndarray:
-        """Key blocks j <= q_block attended by layout head `head` from query block `q_block`, for any
-        q_block (also beyond seq_len)."""
-        j = np.arange(q_block + 1)
-        return j[_row_rule(self, head, q_block, j)]
-
 
 def _row_rule(p: S2Pattern, h: int, i, j) -> np.ndarray:
     """The block rule for layout head h, broadcasting over query blocks i and key blocks j."""

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..common import NEG_INF as NEG
 from .pattern import csc_tables, csr_tables
 
 try:
@@ -33,7 +34,6 @@ try:
 except ImportError:  # the jax entry point raises a clear error when called
     triton = None
 
-NEG = -1e30
 
 if triton is not None:
     NEG = tl.constexpr(NEG)  # compiled kernels may read module globals only as constexpr (the interpreter allows any)

@@ -29,10 +29,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..common import NEG_INF as NEG
 from .pattern import csr_tables
 from .plan import Plan, from_kv_tiles, from_q_tiles, kv_tiles, make_plan, pad_len, q_tiles, row_positions
 
-NEG = -1e30  # finite: a masked score never turns into NaN; every real row sees at least its own token
 BIG = 1 << 30  # key position of a padded slot: fails u <= t and u < T
 
 

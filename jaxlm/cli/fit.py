@@ -4,17 +4,20 @@
                                    [--normalized] [--p-min ..]
     jaxlm fit lr-horizon RESULTS [--plot out.png] [--horizon D ...]
 
-`add_commands(subparsers)` adds the `fit` command to the main `jaxlm` parser; bad input raises
-`ScalingError` with the file, line and column. `python -m jaxlm.scaling.cli fit ...` runs it alone.
+Bad input raises `ScalingError` with the file, line and column.
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from jaxlm.scaling.errors import ScalingError
+from rich.markup import escape
+from rich.table import Table
+
+from jaxlm.cli.common import console, out
+from jaxlm.errors import ScalingError
+from jaxlm.scaling import fitting, lr_horizon, multilingual, plots
 
 
 def _fmt(x) -> str:
@@ -23,12 +26,6 @@ def _fmt(x) -> str:
 
 def _with_ci(value, ci, sep=" ") -> str:
     return _fmt(value) + (f"{sep}[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "")
-
-
-def _consoles():
-    from rich.console import Console
-
-    return Console(), Console(stderr=True)
 
 
 def _parse_weights(text):
@@ -49,8 +46,6 @@ def _parse_weights(text):
 def _plot(draw, args, default: Path, err):
     """Write the plot to --plot, or beside RESULTS unless --no-plot; a missing matplotlib only
     warns when the user did not ask for a plot by name."""
-    from rich.markup import escape
-
     if args.no_plot:
         return
     path = Path(args.plot) if args.plot else default
@@ -66,11 +61,7 @@ def _plot(draw, args, default: Path, err):
 
 # ----------------------------------------------------------------------------- multilingual
 def cmd_multilingual(args, extra=None):
-    from rich.table import Table
-
-    from jaxlm.scaling import fitting, multilingual, plots
-
-    out, err = _consoles()
+    err = console
     weights = _parse_weights(args.weights)
     rows = fitting.read_table(args.results, required=multilingual.COLUMNS)
     recs = multilingual.records(rows)
@@ -120,12 +111,7 @@ def cmd_multilingual(args, extra=None):
 
 # ----------------------------------------------------------------------------- lr horizon
 def cmd_lr_horizon(args, extra=None):
-    from rich.markup import escape
-    from rich.table import Table
-
-    from jaxlm.scaling import fitting, lr_horizon, plots
-
-    out, err = _consoles()
+    err = console
     rows = fitting.read_table(args.results, required=lr_horizon.COLUMNS)
     result = lr_horizon.fit(rows)
 
@@ -177,14 +163,10 @@ def _common(p):
     p.add_argument("--no-plot", action="store_true", help="do not write a plot")
 
 
-def add_commands(subparsers) -> argparse.ArgumentParser:
-    """Add `fit multilingual` and `fit lr-horizon` to an argparse subparsers object.
-
-    Each subcommand sets `func(args, extra)`, which prints rich tables to stdout, writes a PNG, returns
-    0, and raises `ScalingError` on bad input.
-    """
-    fit = subparsers.add_parser("fit", help="fit a scaling law to a results table",
-                                description=__doc__.split("\n\n")[0])
+def register(sub, name, help_text):
+    """`fit multilingual` and `fit lr-horizon`: each prints rich tables to stdout, writes a PNG and
+    raises `ScalingError` on bad input."""
+    fit = sub.add_parser(name, help=help_text, description=__doc__.split("\n\n")[0])
     laws = fit.add_subparsers(dest="law", required=True, metavar="LAW")
 
     p = laws.add_parser("multilingual", help="multilingual law per language family; optimal sampling ratios",
@@ -210,22 +192,3 @@ def add_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--horizon", type=_positive, action="append", metavar="D",
                    help="also print the predicted LR* at this horizon (repeatable)")
     p.set_defaults(func=cmd_lr_horizon)
-    return fit
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="jaxlm", description="scaling-law fits")
-    add_commands(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args, [])
-    except ScalingError as e:
-        from rich.console import Console
-        from rich.markup import escape
-
-        Console(stderr=True).print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
