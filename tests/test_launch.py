@@ -148,8 +148,23 @@ def test_gpu_slurm_dry_run(no_cloud):
     for part in ("jaxlm train --config configs/quickstart.py", '--coordinator "$(scontrol show hostnames',
                  '--num-processes "$SLURM_NTASKS"', '--process-id "$SLURM_PROCID"'):
         assert part in task, part
+    assert "--signal=TERM@60" in sbatch and "--requeue" not in sbatch  # SIGTERM (a checkpoint) before the time limit
+    assert "trap 'scancel --signal=TERM $SLURM_JOB_ID' TERM" in text  # passed to the tasks, not to srun
     out = sh([LAUNCH / "gpu_slurm.sh", "--dry-run", "--per-gpu", "--", "--config", "c.py"], env)
     assert "--ntasks-per-node=8" in out.stdout and "JAX_LOCAL_DEVICE_IDS" in out.stdout
+    # CPU tasks, requeued after a SIGTERM stop
+    out = sh([LAUNCH / "gpu_slurm.sh", "--dry-run", "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2",
+              "--requeue", "--", "--config", "c.py"], env)
+    sbatch = next(x for x in out.stdout.splitlines() if x.startswith("+ sbatch"))
+    for flag in ("--nodes=1", "--ntasks-per-node=2", "--gpus-per-node=0", "--requeue", "--open-mode=append",
+                 "JAXLM_REQUEUE=1"):
+        assert flag in sbatch, flag
+    assert "scontrol requeue $SLURM_JOB_ID" in out.stdout and "--resume" in out.stdout
+    for bad, msg in ((["--per-gpu", "--gpus-per-node", "0"], "--per-gpu needs GPUs"),
+                     (["--gpus-per-node", "x"], "expected a number"), (["--tasks-per-node", "0"], "positive integer")):
+        out = sh([LAUNCH / "gpu_slurm.sh", "--dry-run", *bad, "--", "--config", "c.py"], env, check=False)
+        assert out.returncode == 2 and msg in out.stderr, (bad, out.stderr)
+    assert not calls.exists()
 
 
 @pytest.mark.parametrize("per_gpu", [False, True])
@@ -159,9 +174,9 @@ def test_gpu_slurm_batch_script_with_fake_srun(tmp_path, per_gpu):
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text('#!/usr/bin/env bash\nprintf "gpu007\\ngpu008\\n"\n')
     ntasks, per_node = (4, 2) if per_gpu else (2, 1)
-    # srun --kill-on-bad-exit=1 --output=DIR/task-%t.log CMD...: run each task with SLURM's variables
+    # srun --kill-on-bad-exit=1 ... --output=DIR/task-%t.log CMD...: run each task with SLURM's variables
     (bin_dir / "srun").write_text(f"""#!/usr/bin/env bash
-shift; out="${{1#--output=}}"; shift
+while [[ "$1" == --* ]]; do [[ "$1" == --output=* ]] && out="${{1#--output=}}"; shift; done
 for t in $(seq 0 {ntasks - 1}); do
   SLURM_PROCID=$t SLURM_LOCALID=$((t % {per_node})) SLURM_NTASKS={ntasks} \\
   SLURM_STEP_TASKS_PER_NODE="{per_node}(x2)" "$@" > "${{out//%t/$t}}" 2>&1 || exit 1
@@ -180,6 +195,87 @@ done
         ids = t % per_node if per_gpu else "all"
         assert line == f"ids={ids} train --config c.py --config.train.steps=5 --coordinator gpu007:{port} " \
                        f"--num-processes {ntasks} --process-id {t}"
+
+
+def test_gpu_slurm_batch_script_requeue_resume_and_errors_with_fakes(tmp_path):
+    """The batch script's decisions, against stand-ins (tests/test_slurm.py runs them on a real cluster):
+    a task's `error:` line reaches the batch log; tasks stopped by SIGTERM (exit 143) requeue a running
+    job with JAXLM_REQUEUE=1 and not a cancelled one; a requeued run gets --resume when its checkpoint
+    directory holds a checkpoint, and not before."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    (bin_dir / "scontrol").write_text(f"""#!/usr/bin/env bash
+echo "scontrol $*" >> {calls}
+case "$*" in "show hostnames"*) echo node1 ;; "show job"*) echo "JobId=4242 JobState=$FAKE_STATE Restarts=0" ;; esac
+""")
+    (bin_dir / "scancel").write_text(f'#!/usr/bin/env bash\necho "scancel $*" >> {calls}\n')
+    (bin_dir / "srun").write_text("""#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do [[ "$1" == --output=* ]] && out="${1#--output=}"; shift; done
+rc=0
+for t in 0 1; do
+  r=0; SLURM_PROCID=$t SLURM_LOCALID=$t SLURM_NTASKS=2 "$@" >> "${out//%t/$t}" 2>&1 || r=$?
+  (( r > rc )) && rc=$r
+done
+exit $rc  # like srun: the highest status
+""")
+    # FAKE_RC (every task) or FAKE_RC_<task>; FAKE_ERROR: an `error:` line from the failing task
+    (bin_dir / "fakejaxlm").write_text('#!/usr/bin/env bash\necho "argv: $*"\nv="FAKE_RC_$SLURM_PROCID"\n'
+                                       'rc="${!v:-${FAKE_RC:-0}}"\n'
+                                       'if [[ $rc == 2 ]]; then echo "error: $FAKE_ERROR" >&2; fi\nexit "$rc"\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    base = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2",
+            "SLURM_JOB_NODELIST": "node1", "SLURM_JOB_NUM_NODES": "1", "JAXLM_BIN": "fakejaxlm",
+            "JAXLM_PYTHON": sys.executable, "FAKE_STATE": "RUNNING"}
+    run_dir = tmp_path / "run"
+    args = [LAUNCH / "gpu_slurm.sbatch", "--config", "configs/quickstart.py", f"--config.log.dir={run_dir}"]
+
+    def batch(name, **env):
+        calls.unlink(missing_ok=True)
+        r = sh(args, {**base, "JAXLM_LOG_DIR": str(tmp_path / name), **env}, check=False)
+        return r, (tmp_path / name / "task-0.log").read_text(), calls.read_text() if calls.exists() else ""
+
+    err = "model.num_heads 3 is not divisible by model.num_kv_heads 2"
+    r, _, _ = batch("fail", FAKE_RC="2", FAKE_ERROR=err)
+    assert r.returncode == 2
+    assert f"task 0: error: {err}" in r.stderr and f"task 1: error: {err}" in r.stderr, r.stderr
+    # task 1 fails; srun stops task 0, which exits 143 as on a preemption: still a failure, not requeued
+    r, _, log = batch("fail-one", FAKE_RC_0="143", FAKE_RC_1="2", FAKE_ERROR=err, JAXLM_REQUEUE="1")
+    assert r.returncode == 2 and f"task 1: error: {err}" in r.stderr and "requeue" not in log, r.stderr
+
+    r, _, log = batch("stop", FAKE_RC="143", JAXLM_REQUEUE="1")
+    assert r.returncode == 0 and "requeueing job 4242" in r.stderr and "scontrol requeue 4242" in log, r.stderr
+    r, _, log = batch("cancelled", FAKE_RC="143", JAXLM_REQUEUE="1", FAKE_STATE="COMPLETING")
+    assert r.returncode == 143 and "not requeueing" in r.stderr and "requeue 4242" not in log, r.stderr
+    r, _, log = batch("stop-no-requeue", FAKE_RC="143")
+    assert r.returncode == 143 and "--resume" in r.stderr and "requeue" not in log, r.stderr
+
+    r, task, _ = batch("restart-early", SLURM_RESTART_COUNT="1")  # requeued before any checkpoint
+    assert r.returncode == 0 and "no checkpoint in" in r.stderr and "--resume" not in task, r.stderr + task
+    (run_dir / "checkpoints" / "7").mkdir(parents=True)
+    r, task, _ = batch("restart", SLURM_RESTART_COUNT="1")
+    assert r.returncode == 0, r.stderr
+    assert f"restart 1 of job 4242: resuming from step 7 in {run_dir / 'checkpoints'}" in r.stderr, r.stderr
+    assert f"--config.log.dir={run_dir} --resume --coordinator node1:" in task
+    assert task.startswith("--- job 4242, restart 1 ---")
+
+
+def test_slurm_local_refuses_and_reports(tmp_path):
+    """launch/slurm_local.sh without root refuses to start anything; `status` of an empty prefix says so
+    (tests/test_slurm.py brings a cluster up for real)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "id").write_text("#!/usr/bin/env bash\necho 1000\n")  # not root
+    (bin_dir / "id").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "JAXLM_SLURM_PREFIX": str(tmp_path / "slurm")}
+    r = sh([LAUNCH / "slurm_local.sh", "up"], env, check=False)
+    assert r.returncode == 2 and "up needs root" in r.stderr and "sudo" in r.stderr, r.stderr
+    assert not (tmp_path / "slurm").exists()
+    r = sh([LAUNCH / "slurm_local.sh", "status"], env, check=False)
+    assert r.returncode == 1 and "slurmctld: not running" in r.stdout and "not up" in r.stdout, r.stdout
+    r = sh([LAUNCH / "slurm_local.sh", "restart"], env, check=False)
+    assert r.returncode == 2 and "unknown action" in r.stderr
 
 
 def test_local_dry_run(tmp_path):
@@ -201,7 +297,7 @@ def test_local_stops_the_others_when_one_fails(tmp_path):
     """Process 1 fails at once; process 0 would run for a minute: local.sh stops it and returns 1's status."""
     fake = tmp_path / "fakepython"
     fake.write_text('#!/usr/bin/env bash\necho "argv: $*"\n'
-                    'if [[ "$*" == *"--process-id 1"* ]]; then echo boom; exit 3; fi\nexec sleep 60\n')
+                    'if [[ "$*" == *"--process-id 1"* ]]; then sleep 2; echo boom; exit 3; fi\nexec sleep 60\n')  # 0 starts first
     fake.chmod(0o755)
     r = subprocess.run(["bash", str(LAUNCH / "local.sh"), "-n", "2", "-d", "1", "-q", "--python", str(fake),
                         "-l", str(tmp_path / "logs"), "--", "train", "--config", "c.py"],
