@@ -81,6 +81,27 @@ def test_ids_equal_transformers(pair, template, conv, gen):
     tok.with_chat(CHATML)
 
 
+# a Qwen2.5-style template that lists the tools in the system turn
+WITH_TOOLS = ("{% if tools %}{{ '<|im_start|>system\nYou may call:\n' }}{% for t in tools %}"
+              "{{ t | tojson }}{{ '\n' }}{% endfor %}{{ '<|im_end|>\n' }}{% endif %}"
+              "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+              "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {
+                                               "city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+def test_tools_reach_the_template_as_in_transformers(pair):
+    tok, hf = pair
+    msgs = CONVERSATIONS["user"]
+    ids, mask = apply_chat_template(tok.with_chat(WITH_TOOLS), msgs, add_generation_prompt=True, tools=TOOLS)
+    assert ids == hf_ids(hf, msgs, WITH_TOOLS, add_generation_prompt=True, tools=TOOLS)["input_ids"]
+    assert "get_weather" in tok.decode(ids) and not any(mask)
+    without, _ = apply_chat_template(tok.with_chat(WITH_TOOLS), msgs, add_generation_prompt=True)
+    assert "get_weather" not in tok.decode(without)
+    tok.with_chat(CHATML)
+
+
 def test_generation_blocks_give_transformers_assistant_mask(pair):
     tok, hf = pair
     msgs = CONVERSATIONS["multi_turn"]
@@ -152,3 +173,21 @@ def test_templates_stay_in_the_sandbox(pair):
         apply_chat_template(tok, [{"role": "user", "content": None}])
     with pytest.raises(TokenizerError, match="no chat template"):
         apply_chat_template(train_bpe(["hello world"] * 10, 300, special_tokens=()), msgs)
+
+
+def test_the_server_renders_tools_through_a_template_that_takes_them(pair):
+    """jaxlm serve: a template that uses `tools` gets them (ids as transformers renders them); one that
+    does not gets the default tool prompt in the system turn instead."""
+    pytest.importorskip("pydantic")
+    from jaxlm.infer import protocol
+
+    tok, hf = pair
+    msgs = [protocol.Message(role="user", content="What is the capital of France?")]
+    tools = [protocol.Tool(**TOOLS[0])]
+    via_template = protocol.render_chat(tok.with_chat(WITH_TOOLS), msgs, tools)
+    want = hf_ids(hf, CONVERSATIONS["user"], WITH_TOOLS, add_generation_prompt=True,
+                  tools=[t.model_dump(exclude_none=True) for t in tools])["input_ids"]
+    assert via_template == want
+    via_prompt = tok.decode(protocol.render_chat(tok.with_chat(CHATML), msgs, tools))
+    assert protocol.DEFAULT_TOOL_PROMPT.split(".")[0] in via_prompt and "get_weather" in via_prompt
+    tok.with_chat(CHATML)

@@ -187,6 +187,8 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path, sig, code):
     assert proc.returncode == code, err[-2000:]
     stopped = int(re.search(r"stopped at step (\d+)", err).group(1))
     assert 3 <= stopped < 10 and "resume with --resume" in err and "Traceback" not in err
+    model_line = next(x for x in err.splitlines() if x.startswith("model "))
+    assert len(model_line) > 80 and model_line.rstrip().endswith(")")  # a pipe gets whole lines, unwrapped
     assert (tmp_path / "stopped" / "checkpoints" / str(stopped)).is_dir()
     done = subprocess.run(jaxlm_cmd("train", "--config", conf, "--resume"), capture_output=True, text=True,
                           timeout=240)
@@ -352,6 +354,20 @@ def test_unknown_config_fields_and_files(capsys):
 def test_debug_shows_the_traceback(capsys):
     with pytest.raises(Exception, match="train.lr must be >= 0"):
         main(["--debug", "train", "--config", "configs/quickstart.py", "--config.train.lr=-1"])
+
+
+# ----------------------------------------------------------------------------- 9. logs
+def test_throughput_of_every_step_is_timed_device_to_device(tmp_path):
+    """With log.every=1 a window is timed from a step's device-ready to the next one's (so every other
+    step, as dispatch runs one step ahead): the MFU stays a fraction (the bug timed an empty window and
+    printed 20443%)."""
+    cfg = tiny_config(tmp_path, steps=8)
+    cfg.log.every = 1
+    train(cfg)
+    rows = [json.loads(x) for x in open(tmp_path / "run" / "metrics.jsonl")]
+    timed = [r for r in rows if "mfu" in r]
+    assert len(timed) >= 3
+    assert all(0 < r["mfu"] < 1 for r in timed), [r["mfu"] for r in timed]
 
 
 # ----------------------------------------------------------------------------- 8. exports

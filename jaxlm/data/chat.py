@@ -173,13 +173,15 @@ def encode_chat(tok, text: str, pattern) -> tuple[list[int], list[tuple[int, int
 
 
 def apply_chat_template(tok, messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                        sanitize: bool = True, template: str | None = None):
+                        sanitize: bool = True, template: str | None = None, tools: Sequence[dict] | None = None):
     """Render `messages` with the tokenizer's chat template (or `template`) and tokenize it.
 
     Returns (ids, loss_mask): the mask is 1 on the tokens of assistant turns (the reply and its
     end-of-turn token) and 0 elsewhere. messages: [{"role": "system"|"user"|"assistant"|"tool",
     "content": str}, ...]. add_generation_prompt: end with the header a reply follows.
     sanitize: special tokens inside message strings stay text.
+    tools: OpenAI-style tool schemas ({"type": "function", "function": {...}}), given to the template
+    as `tools` (as transformers does); a template that does not use them ignores them.
     """
     template = template or tok.chat_template
     if not template:
@@ -191,6 +193,8 @@ def apply_chat_template(tok, messages: Sequence[dict], *, add_generation_prompt:
         pattern = re.compile("|".join(re.escape(t) for t in sorted(tok.special_tokens, key=len, reverse=True)))
         messages = _mark(messages, pattern)
     variables = tok.template_variables()
+    if tools:
+        variables = {**variables, "tools": list(tools)}
     full, spans = _render(template, messages, add_generation_prompt, variables)
     if not re.search(r"\{%-?\s*generation\s*-?%\}", template):
         spans = assistant_spans(template, messages, full, variables, tok.stop_texts)

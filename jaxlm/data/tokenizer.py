@@ -421,7 +421,7 @@ def load_tokenizer(spec) -> Tokenizer:
 
 # ----------------------------------------------------------------------------- chat template
 def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], *, add_generation_prompt: bool = False,
-                        sanitize: bool = True, template: str | None = None):
+                        sanitize: bool = True, template: str | None = None, tools: Sequence[dict] | None = None):
     """The model's chat template applied to messages (jaxlm.data.chat). Returns (ids, loss_mask):
     the mask is 1 on assistant replies and their end-of-turn token (what the model must learn to
     produce), 0 on everything else.
@@ -430,6 +430,7 @@ def apply_chat_template(tok: Tokenizer, messages: Sequence[dict], *, add_generat
     add_generation_prompt: end with the header a reply follows (`<|assistant|>`, ...).
     sanitize: special tokens written inside messages are tokenized as text.
     template: a Jinja template to use instead of the tokenizer's.
+    tools: OpenAI-style tool schemas, given to the template as `tools` (as transformers does).
     """
     return chat.apply_chat_template(tok, messages, add_generation_prompt=add_generation_prompt, sanitize=sanitize,
-                                    template=template)
+                                    template=template, tools=tools)
