@@ -1,6 +1,6 @@
 """Needle in a haystack with retrieval attention (Unlimiformer) on a tiny model trained on 512 tokens.
 
-    python bench/needle.py [--dir runs/needle] [--steps 400] [--trials 6]
+    python bench/needle.py [--dir runs/needle] [--seeds 0,1,2] [--steps 400] [--trials 6]
 
 1. prepare: synthetic documents of 30-480 tokens (log-uniform lengths, so most are short): filler sentences with one pass key planted at a random
    depth ("The pass key is 42. Remember it. 42 is the pass key.", after Mohtashami & Jaggi, 2023), then
@@ -13,6 +13,11 @@
    (LongGenerator), full attention (Generator on the whole input, positions beyond the trained 512)
    where its prefill fits in --full-limit-gb;
 4. scaling: time per generated token, prefill time and memory against input length, retrieval vs full.
+
+Reproducible: the data and tokenizer come from --data-seed (fixed), each model from one training seed
+(`train.seed` fixes its initialisation and the order of its batches), the haystacks from their
+(length, depth, trial); the model is trained once per seed in DIR/seed{S} and the needle table gives
+the mean and the spread (min-max) of every cell over the seeds. The scaling stage uses the first seed.
 
 Why a pass key and not "The value of KEY is VALUE" among distractor facts: telling keys apart needs an
 induction circuit (previous-token head + copying head), which a tiny model trained on 2 CPU cores did
@@ -123,7 +128,8 @@ def retrieval_variants(cfg):
     return out
 
 
-def needle(cfg, params, tok, args, out):
+def needle(cfg, params, tok, args):
+    """{(input tokens, depth, method): accuracy} of one model; methods in order."""
     from jaxlm.infer.generate import Generator
     from jaxlm.infer.retrieval import LongGenerator
 
@@ -132,7 +138,7 @@ def needle(cfg, params, tok, args, out):
     full_gen = Generator(cfg)
     longs = {name: LongGenerator(c) for name, c in retrieval_variants(cfg).items()}
     methods = ["truncation", *longs, "full attention"]
-    rows = []
+    acc = {}
     for n in [480] + args.lengths:
         need = full_prefill_bytes(full_gen, params, n)
         fits = need < args.full_limit_gb * 2**30
@@ -146,16 +152,28 @@ def needle(cfg, params, tok, args, out):
                     hits[name] += g.generate(params, ids, max_new_tokens=n_new).tokens[0][0] == vid
                 if fits:
                     hits["full attention"] += full_gen.generate(params, [ids], max_new_tokens=n_new).tokens[0][0] == vid
-            row = {"tokens": len(ids), "depth": depth, **{k: f"{v / args.trials:.0%}" for k, v in hits.items()}}
-            if not fits:
-                row["full attention"] = f"not run (prefill needs {need / 2**30:.1f} GiB)"
-            rows.append(row)
-            print(f"  {row}", flush=True)
-    out["needle"] = rows
-    print(f"\npass-key accuracy ({args.trials} needles per cell)\n| input tokens | depth | " + " | ".join(methods)
-          + " |\n" + "|---" * (len(methods) + 2) + "|")
-    for x in rows:
-        print(f"| {x['tokens']} | {x['depth']:.0%} | " + " | ".join(x[m] for m in methods) + " |")
+            for m in methods:
+                acc[(n, depth, m)] = hits[m] / args.trials if fits or m != "full attention" else None
+            print(f"  {n} tokens, depth {depth:.0%}: " + ", ".join(f"{m} {hits[m]}/{args.trials}" for m in methods)
+                  + ("" if fits else f" (full attention not run: its prefill needs {need / 2**30:.1f} GiB)"), flush=True)
+    return methods, acc
+
+
+def needle_table(methods, per_seed, trials):
+    """Markdown: every cell the mean and min-max over the seeds."""
+    seeds = list(per_seed)
+    keys = list(per_seed[seeds[0]])
+    lines = [f"pass-key accuracy, mean [min-max] over training seeds {seeds} ({trials} needles per cell and seed)",
+             "| input tokens | depth | " + " | ".join(methods) + " |", "|---" * (len(methods) + 2) + "|"]
+    rows = {}
+    for n, depth, m in keys:
+        vals = [per_seed[s][(n, depth, m)] for s in seeds]
+        cell = "not run" if None in vals else (
+            f"{100 * sum(vals) / len(vals):.0f}% [{100 * min(vals):.0f}-{100 * max(vals):.0f}]")
+        rows.setdefault((n, depth), []).append(cell)
+    for (n, depth), cells in rows.items():
+        lines.append(f"| {n} | {depth:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def scaling(cfg, params, tok, args, out):
@@ -197,10 +215,57 @@ def scaling(cfg, params, tok, args, out):
               f"| {fp} | {x['full_prefill_mb']:.0f} | {x['full_cache_mb']:.1f} | {fm} |")
 
 
+def train(d: Path, seed: int, steps: int) -> Path:
+    """The model of one training seed (trained once, in d/seed{seed}): its checkpoint directory."""
+    run = d / f"seed{seed}"
+    ckpt = run / "checkpoints"
+    if not ckpt.exists():
+        from jaxlm.cli import main as jaxlm
+
+        extra = [f"--config.train.steps={steps}"] if steps else []
+        rc = jaxlm(["train", "--config", f"{ROOT / 'configs/needle.py'}:{d}", f"--config.train.seed={seed}",
+                    f"--config.log.dir={run}", *extra])
+        if rc:
+            raise SystemExit(rc)
+    return ckpt
+
+
+def determinism(d: Path, steps: int) -> dict:
+    """Train seed 0 twice for `steps` steps (fresh directories): the loss logs and the final params
+    must be identical, bit for bit, or the seeds do not fix the run."""
+    import shutil
+
+    import numpy as np
+
+    from jaxlm.checkpoint import model_from_checkpoint
+    from jaxlm.cli import main as jaxlm
+
+    runs = []
+    for name in ("repeat_a", "repeat_b"):
+        run = d / name
+        shutil.rmtree(run, ignore_errors=True)
+        rc = jaxlm(["train", "--config", f"{ROOT / 'configs/needle.py'}:{d}", "--config.train.seed=0",
+                    f"--config.train.steps={steps}", f"--config.log.dir={run}", "--config.log.every=1"])
+        if rc:
+            raise SystemExit(rc)
+        losses = [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        runs.append((losses, model_from_checkpoint(run / "checkpoints")[1]))
+    (la, pa), (lb, pb) = runs
+    diff = max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
+               zip(jax.tree.leaves(pa), jax.tree.leaves(pb)))
+    out = {"steps": steps, "losses_equal": la == lb, "max_abs_param_diff": diff,
+           "losses": [x for x in la if x is not None]}
+    print(f"determinism: two runs of seed 0, {steps} steps: losses equal {la == lb}, max |param diff| {diff:g}",
+          flush=True)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="runs/needle")
     p.add_argument("--docs", type=int, default=6000, help="training documents")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the training data (the same for every model)")
+    p.add_argument("--seeds", default="0,1,2", help="training seeds (initialisation and batch order)")
     p.add_argument("--steps", type=int, default=0, help="training steps (0: the config's)")
     p.add_argument("--trials", type=int, default=6, help="needles per (length, depth)")
     p.add_argument("--lengths", default="4096,16384", help="needle input lengths (tokens)")
@@ -208,38 +273,46 @@ def main(argv=None):
     p.add_argument("--full-limit-gb", type=float, default=4.0, help="run full attention below this prefill memory")
     p.add_argument("--full-max-tokens", type=int, default=8192, help="time full attention up to this length")
     p.add_argument("--skip", default="", help="comma-separated stages to skip: needle, scaling")
+    p.add_argument("--determinism", type=int, default=0, metavar="STEPS",
+                   help="only train seed 0 twice for STEPS steps and compare (a quick reproducibility check)")
     args = p.parse_args(argv)
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.scaling = [int(x) for x in args.scaling.split(",") if x]
+    seeds = [int(x) for x in args.seeds.split(",") if x]
     d = Path(args.dir)
     t0 = time.perf_counter()
-    prepare(d, args.docs)
-    ckpt = d / "checkpoints"
-    if not ckpt.exists():
-        from jaxlm.cli import main as jaxlm
-
-        steps = [f"--config.train.steps={args.steps}"] if args.steps else []
-        rc = jaxlm(["train", "--config", f"{ROOT / 'configs/needle.py'}:{d}", *steps])
-        if rc:
-            return rc
-    t1 = time.perf_counter()
+    prepare(d, args.docs, args.data_seed)
+    if args.determinism:
+        res = determinism(d, args.determinism)
+        (d / "determinism.json").write_text(json.dumps(res, indent=1))
+        return 0 if res["losses_equal"] and res["max_abs_param_diff"] == 0 else 1
     from jaxlm.checkpoint import model_from_checkpoint
     from jaxlm.data.tokenizer import load_tokenizer
 
-    cfg, params, spec = model_from_checkpoint(ckpt)
-    tok = load_tokenizer(spec)
-    r = cfg.attention.retrieval
-    print(f"model {cfg.num_params / 1e6:.2f}M params, context {r.context}; retrieval layers "
-          f"{r.retrieval_layers(cfg.num_layers)}, top_k {r.top_k}, window {r.window}, overlap {r.overlap}")
-    out = {"retrieval": vars(r) if hasattr(r, "__dict__") else str(r), "train_seconds": t1 - t0}
-    if "needle" not in args.skip:
-        needle(cfg, params, tok, args, out)
-    if "scaling" not in args.skip:
-        scaling(cfg, params, tok, args, out)
+    out = {"args": vars(args), "needle": {}}
+    per_seed, methods = {}, []
+    for seed in seeds:
+        ts = time.perf_counter()
+        cfg, params, spec = model_from_checkpoint(train(d, seed, args.steps))
+        out.setdefault("train_seconds", {})[seed] = time.perf_counter() - ts
+        tok = load_tokenizer(spec)
+        r = cfg.attention.retrieval
+        print(f"seed {seed}: model {cfg.num_params / 1e6:.2f}M params, context {r.context}; retrieval layers "
+              f"{r.retrieval_layers(cfg.num_layers)}, top_k {r.top_k}, window {r.window}, overlap {r.overlap}",
+              flush=True)
+        if "needle" not in args.skip:
+            methods, per_seed[seed] = needle(cfg, params, tok, args)
+            out["needle"][seed] = [[n, depth, m, a] for (n, depth, m), a in per_seed[seed].items()]
+        if "scaling" not in args.skip and seed == seeds[0]:
+            scaling(cfg, params, tok, args, out)
+    if per_seed:
+        table = needle_table(methods, per_seed, args.trials)
+        out["needle_table"] = table
+        print("\n" + table)
     out["seconds"] = time.perf_counter() - t0
     res = d / "needle_results.json"
-    res.write_text(json.dumps({**(json.loads(res.read_text()) if res.exists() else {}), **out}, indent=1, default=str))
-    print(f"\ntotal {out['seconds'] / 60:.1f} min (training and data {(t1 - t0) / 60:.1f} min); {d}/needle_results.json")
+    res.write_text(json.dumps(out, indent=1, default=str))
+    print(f"\ntotal {out['seconds'] / 60:.1f} min; {res}")
     return 0
 
 

@@ -135,6 +135,9 @@ def long_input(args, model_cfg, params, tok):
         ids, span = chat_input(tok, text, question, args.system)
     else:
         ids, span = tok.encode(text + question), None
+        if tok.chat_template:
+            console.print("[yellow]note: the text and the prompt are read as plain text; --chat puts them in the "
+                          "model's chat template (the text in the user turn, the prompt after it)[/yellow]")
     check_ids(ids, f"long input {args.long_input}", model_cfg)
     stops = [] if args.no_stop else tok.stop_ids
     gen = generate_long(model_cfg, params, ids, max_new_tokens=args.max_new_tokens, stop_tokens=stops,

@@ -13,8 +13,9 @@ with kNN-retrieval attention (Unlimiformer, Bertsch et al., 2023; decoder-only: 
    window 0 reads [0, C) and keeps all of it; window i > 0 reads [C + (i-1)(C-O) - O, ... + C) and keeps
    only its last C - O tokens, so every token is encoded exactly once, with at least O tokens of left
    context (the first C with all of theirs). A window is encoded with causal attention at positions
-   0..C-1, padded on the right to C, several windows per call (`encode_batch`, default 8192 // C), the
-   attention in query blocks (jaxlm.model.retrieval.local_attention). For every retrieval layer the
+   0..C-1, padded on the right to C (a call of shorter windows - the last one, a short input - to the
+   next power of two >= 256 of its longest), several windows per call (`encode_batch`, default
+   8192 // C), the attention in query blocks (jaxlm.model.retrieval.local_attention). For every retrieval layer the
    datastore stores that layer's attention input (the normed hidden state x, d numbers per token); keys
    and values are recomputed from x when retrieved (jaxlm.model.retrieval: query folding, RoPE).
    Only the span's entries are searchable.
@@ -163,7 +164,7 @@ class LongGenerator(Generator):
         self.encode_batch = encode_batch or max(1, ENCODE_TOKENS // self.context)
         self.encoder = Decoder(config, collect=True)
         self.encode = jax.jit(self._encode_impl, donate_argnums=1)
-        self.window = jax.jit(self._window_impl)
+        self.window = jax.jit(self._window_impl, static_argnames=("last",))
 
     # -- pure pieces -------------------------------------------------------------------------
     def _encode_impl(self, params, store, tokens, seg, dest):
@@ -175,9 +176,14 @@ class LongGenerator(Generator):
         x = collected[jnp.asarray(self.layers)].reshape(len(self.layers), g * c, -1)
         return store.at[:, 0, dest].set(x.astype(store.dtype), mode="drop")
 
-    def _window_impl(self, pr, tokens, seg, pos, cache):
+    def _window_impl(self, pr, tokens, seg, pos, cache, last=0):
+        """(logits of all tokens, or of the last `last` only: an 8K prefill's [T, V] logits are GBs), cache."""
         params, rctx = pr
-        return self.model.apply({"params": params}, tokens, pos, seg, cache=cache, retrieval=rctx)
+        out, cache = self.model.apply({"params": params}, tokens, pos, seg, cache=cache, retrieval=rctx,
+                                      return_hidden=bool(last))
+        if last:
+            out = self.model.apply({"params": params}, out[:, -last:], method=Decoder.logits)
+        return out, cache
 
     def _step_impl(self, pr, cache, tokens, positions, adapter_ids=None):
         """Generator's decode step with (params, datastore) as the parameters."""
@@ -217,9 +223,10 @@ class LongGenerator(Generator):
         i = 0
         while i < len(wins):  # full calls of encode_batch windows, the rest in a power-of-two call
             g = min(self.encode_batch, bucket(len(wins) - i, 1))
-            tokens = np.full((g, ctx), c.pad_token_id, np.int32)
-            seg = np.zeros((g, ctx), np.int32)
-            dest = np.full((g, ctx), size, np.int32)  # out of range: dropped
+            width = min(ctx, bucket(max(w.end - w.read for w in wins[i:i + g]), 256))  # a short last window
+            tokens = np.full((g, width), c.pad_token_id, np.int32)
+            seg = np.zeros((g, width), np.int32)
+            dest = np.full((g, width), size, np.int32)  # out of range: dropped
             for j, w in enumerate(wins[i:i + g]):
                 tokens[j, : w.end - w.read] = ids[w.read:w.end]
                 seg[j, : w.end - w.read] = 1
@@ -235,14 +242,15 @@ class LongGenerator(Generator):
             rctx = shard_datastore(rctx, mesh, axis)
         return rctx, {"windows": len(wins), "span": (a, b), "pos": pos, "start": start, "exact": exact}
 
-    def extend(self, pr, cache, ids: Sequence[int], positions, length: int):
+    def extend(self, pr, cache, ids: Sequence[int], positions, length: int, last: int = 0):
         """Append ids (left-padded to `length` slots) at their positions to the local cache with the
-        parameters pr = (params, datastore or {}): (logits [len(ids), V], cache, the padded tokens [1, length])."""
+        parameters pr = (params, datastore or {}): (logits [len(ids), V] - or of the last `last` ids only -,
+        cache, the padded tokens [1, length])."""
         tokens, seg, _ = left_pad([list(ids)], length, self.config.pad_token_id)
         pos = np.zeros_like(tokens)
         pos[0, length - len(ids):] = np.asarray(positions)
-        logits, cache = self.window(pr, tokens, seg, pos, cache)
-        return logits[0, length - len(ids):], cache, tokens
+        logits, cache = self.window(pr, tokens, seg, pos, cache, last=min(last, len(ids)))
+        return logits[0, -(min(last, len(ids)) or len(ids)):], cache, tokens
 
     def finish(self, pr, cache, last_logits, next_pos: int, history, *, max_new_tokens: int,
                stop_tokens: Sequence[int] = (), seed: int = 0):
@@ -273,7 +281,7 @@ class LongGenerator(Generator):
         cache = self.new_cache(1, pre + suf + max_new_tokens)
         parts = []
         if a:
-            _, cache, t = self.extend((params, {}), cache, ids[:a], pos[:a], pre)
+            _, cache, t = self.extend((params, {}), cache, ids[:a], pos[:a], pre, last=1)
             parts.append(t)
         logits, cache, t = self.extend((params, rctx), cache, ids[b:], pos[b:], suf)
         return logits, cache, np.concatenate(parts + [t], axis=1), int(pos[-1]) + 1
@@ -314,7 +322,7 @@ class LongGenerator(Generator):
         t0 = time.perf_counter()
         length = bucket(len(ids), 16)
         cache = self.new_cache(1, length + max_new_tokens)
-        logits, cache, history = self.extend((params, {}), cache, ids, np.arange(len(ids)), length)
+        logits, cache, history = self.extend((params, {}), cache, ids, np.arange(len(ids)), length, last=1)
         logits.block_until_ready()
         t1 = time.perf_counter()
         row, done = self.finish((params, {}), cache, logits[-1], len(ids), history, max_new_tokens=max_new_tokens,
