@@ -45,17 +45,21 @@ def run_config(section, *, init: str, data: str, log_dir, steps: int, preference
 
     model = dict(checkpoint.load_config(init).get("model", {}))
     saved_lora = dict(model.get("lora") or {})
-    if not preference and _get(section, "lora_rank", 0):
-        # SFT: fresh adapters on the base (preference training keeps the SFT model's own adapters)
+    if _get(section, "lora_rank", 0) and (not preference or not saved_lora.get("rank")):
+        # fresh adapters on a checkpoint without any (SFT, or preference training straight from the
+        # base); preference training from an SFT checkpoint keeps that model's own adapters
         saved_lora.update(rank=int(section.lora_rank), alpha=float(_get(section, "lora_alpha", 16.0)),
                           dropout=float(_get(section, "lora_dropout", 0.0)))
     model["lora"] = saved_lora
+    if _get(section, "remat_policy", ""):  # optional: recompute activations (long rows in little memory)
+        model["remat_policy"] = str(section.remat_policy)
     every = int(_get(section, "checkpoint_every", 0))
     d = {
         "model": model,
         "data": {"train": str(data), "eval": "", "seq_len": int(section.seq_len), "max_bad_fraction": 0.0,
                  "prefetch": 0},
         "train": {"steps": steps, "batch_size": int(section.batch_size), "lr": float(section.lr),
+                  "grad_accum": int(_get(section, "grad_accum", 1)),
                   "warmup_steps": min(int(_get(section, "warmup_steps", 0)), max(steps - 1, 0)),
                   "schedule": "cosine" if not preference else "linear", "min_lr_ratio": 0.1 if not preference else 0.0,
                   "weight_decay": 0.0, "seed": int(_get(section, "seed", 0)), "eval_every": 0},
