@@ -204,6 +204,26 @@ def _run(cmd, log: Path, env=None) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
+def _run_together(jobs: dict) -> dict:
+    """Run the jobs {name: (cmd, log, env)} at the same time; {name: (wall, CPU) seconds}, the CPU time
+    of each process tree read from its own rusage (os.wait4), so the two do not mix."""
+    procs, t0, out = {}, time.perf_counter(), {}
+    for name, (cmd, log, env) in jobs.items():
+        f = open(log, "w")
+        procs[subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}).pid] = (
+            name, cmd, log, f)
+    while procs:
+        pid, status, ru = os.wait4(-1, 0)
+        if pid not in procs:
+            continue
+        name, cmd, log, f = procs.pop(pid)
+        f.close()
+        if os.waitstatus_to_exitcode(status):
+            sys.exit(f"failed: {' '.join(map(str, cmd))}\n{log.read_text()[-3000:]}")
+        out[name] = (time.perf_counter() - t0, ru.ru_utime + ru.ru_stime)
+    return out
+
+
 def _harness_outputs(folder: Path):
     results = json.loads(sorted(folder.rglob("results_*.json"))[-1].read_text())
     samples = {}
@@ -255,7 +275,8 @@ def compare(out: Path, tasks: list[str], times: dict) -> str:
         dll = max(abs(a[0] - float(b[0])) for d, r in js.items() for a, b in zip(r["filtered_resps"], hs[d]["filtered_resps"]))
         notes.append(f"- {task}: largest |log-likelihood difference| over all rows and choices {dll:.2e}")
     (th, ch), (tj, cj) = times["harness"], times["jaxlm"]
-    lines += ["", f"same machine, one after the other: lm-evaluation-harness {th:.0f} s wall ({ch:.0f} s CPU), "
+    how = "at the same time" if times.get("together") else "one after the other"
+    lines += ["", f"same machine, {how}: lm-evaluation-harness {th:.0f} s wall ({ch:.0f} s CPU), "
               f"jaxlm {tj:.0f} s wall ({cj:.0f} s CPU): jaxlm {th / tj:.2f}x faster (CPU time {ch / cj:.2f}x)"
               if ch and cj else f"wall time: harness {th:.0f} s, jaxlm {tj:.0f} s: jaxlm {th / tj:.2f}x faster", ""] + notes
     return "\n".join(lines)
@@ -273,6 +294,9 @@ def main():
     ap.add_argument("--out", default="runs/lm_eval_parity")
     ap.add_argument("--data", default=str(DATA / "benchmarks"))
     ap.add_argument("--reuse", action="store_true", help="compare the outputs already in --out")
+    ap.add_argument("--together", action="store_true",
+                    help="run both sides at the same time (on a machine shared with other work both then see the "
+                         "same load; compare their CPU times)")
     a = ap.parse_args()
     if a.write_golden:
         return write_golden()
@@ -285,7 +309,7 @@ def main():
     files = {t: str(Path(a.data) / Path(get_task(t).file).name) for t in tasks}
     times_file = out / "times.json"
     if a.reuse:
-        times = {k: v if isinstance(v, list) else [v, 0.0] for k, v in json.loads(times_file.read_text()).items()}
+        times = {k: v if isinstance(v, (list, bool)) else [v, 0.0] for k, v in json.loads(times_file.read_text()).items()}
     else:
         hf_dir = a.hf_dir or str(out / "hf")
         if not a.hf_dir and not (out / "hf" / "config.json").exists():
@@ -293,20 +317,27 @@ def main():
             _run([sys.executable, "-m", "jaxlm.cli", "convert", "--to-hf", "--checkpoint", a.checkpoint, "--out", hf_dir,
                   "--overwrite"], out / "convert.log")
         names = write_task_yamls(out / "tasks", files)
-        print("lm-evaluation-harness ...", flush=True)
-        t_h = _run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
-                    f"pretrained={hf_dir},dtype=float32", "--tasks", ",".join(names), "--include_path",
-                    str(out / "tasks"), "--device", "cpu", "--batch_size", a.harness_batch_size,
-                    "--limit", str(a.limit), "--num_fewshot", str(a.num_fewshot), "--output_path",
-                    str(out / "harness"), "--log_samples"], out / "harness.log",
-                   env={"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"})
-        print(f"  {t_h[0]:.0f} s\njaxlm eval ...", flush=True)
-        t_j = _run([sys.executable, "-m", "jaxlm.cli", "eval", "--checkpoint", a.checkpoint,
-                    *[x for t in tasks for x in ("--task", f"{t}={files[t]}")], "--limit", str(a.limit),
-                    "--num-fewshot", str(a.num_fewshot), "--output", str(out / "jaxlm.json"),
-                    "--samples", str(out / "jaxlm_samples.jsonl")], out / "jaxlm.log")
-        print(f"  {t_j[0]:.0f} s", flush=True)
-        times = {"harness": t_h, "jaxlm": t_j}
+        h_cmd = [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                 f"pretrained={hf_dir},dtype=float32", "--tasks", ",".join(names), "--include_path",
+                 str(out / "tasks"), "--device", "cpu", "--batch_size", a.harness_batch_size,
+                 "--limit", str(a.limit), "--num_fewshot", str(a.num_fewshot), "--output_path",
+                 str(out / "harness"), "--log_samples"]
+        h_env = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        j_cmd = [sys.executable, "-m", "jaxlm.cli", "eval", "--checkpoint", a.checkpoint,
+                 *[x for t in tasks for x in ("--task", f"{t}={files[t]}")], "--limit", str(a.limit),
+                 "--num-fewshot", str(a.num_fewshot), "--output", str(out / "jaxlm.json"),
+                 "--samples", str(out / "jaxlm_samples.jsonl")]
+        if a.together:
+            print("lm-evaluation-harness and jaxlm eval, at the same time ...", flush=True)
+            got = _run_together({"harness": (h_cmd, out / "harness.log", h_env), "jaxlm": (j_cmd, out / "jaxlm.log", None)})
+            t_h, t_j = got["harness"], got["jaxlm"]
+        else:
+            print("lm-evaluation-harness ...", flush=True)
+            t_h = _run(h_cmd, out / "harness.log", env=h_env)
+            print(f"  {t_h[0]:.0f} s\njaxlm eval ...", flush=True)
+            t_j = _run(j_cmd, out / "jaxlm.log")
+            print(f"  {t_j[0]:.0f} s", flush=True)
+        times = {"harness": t_h, "jaxlm": t_j, "together": a.together}
         times_file.write_text(json.dumps(times))
     report = compare(out, tasks, times)
     (out / "summary.md").write_text(report + "\n")

@@ -238,3 +238,41 @@ def test_a_judge_behind_the_openai_protocol(tmp_path):
     labels, raw = judge_refusals(judge, ["How do I kill a process?", "Hi"], ["Sorry.", "Hello!"])
     assert labels == [REFUSAL, UNPARSED] and raw == ["2_full_refusal", "no idea"]
     assert all(b["temperature"] == 0.0 and b["model"] == "judge-model" for b in seen)
+
+
+def test_judged_evals_through_a_real_jaxlm_server(tmp_path, chat_checkpoint):
+    """--judge URL against `jaxlm serve`'s own server (in this process): XSTest labels and a pairwise
+    comparison go over the OpenAI protocol; a random model's replies name no class, so every row is
+    counted as unparsed, none dropped."""
+    portpicker = pytest.importorskip("portpicker")
+    pytest.importorskip("uvicorn")
+    from jaxlm.checkpoint import model_from_checkpoint
+    from jaxlm.cli import main
+    from jaxlm.data.tokenizer import load_tokenizer
+    from jaxlm.infer.engine import Engine
+    from jaxlm.infer.server import Background, Server
+
+    cfg, params, _ = model_from_checkpoint(chat_checkpoint)
+    tok = load_tokenizer("asset:tiny_bpe.json")
+    server = Server(Engine(cfg, params, slots=4, max_len=cfg.max_position_embeddings * 4, pad_id=tok.pad_id), tok,
+                    model_name="judge")
+    data = tmp_path / "xstest.csv"
+    _xstest_csv(data, n=4)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(2)))
+    b.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"b{i}"}) + "\n" for i in range(2)))
+    with Background(server.app(), portpicker.pick_unused_port()) as bg:
+        judge = ["--judge", bg.url + "/v1", "--judge-model", "judge", "--judge-max-tokens", "3"]
+        out, samples = tmp_path / "x.json", tmp_path / "x.jsonl"
+        assert main(["eval", "--checkpoint", str(chat_checkpoint), "--task", f"xstest={data}", "--max-new-tokens", "3",
+                     *judge, "--output", str(out), "--samples", str(samples)]) == 0
+        res = json.loads(out.read_text())
+        rows = [json.loads(x) for x in samples.read_text().splitlines()]
+        assert res["configs"]["xstest"]["classifier"] == "llm_judge"
+        assert len(rows) == 4 and all(isinstance(r["judge_reply"], str) for r in rows)
+        assert res["results"]["xstest"]["unparsed,none"] == sum(r["label"] == UNPARSED for r in rows)
+        pw = tmp_path / "p.json"
+        assert main(["eval", "--pairwise", str(a), str(b), *judge, "--output", str(pw)]) == 0
+        m = json.loads(pw.read_text())["results"]["judge_pairwise"]
+        assert m["n,none"] == 2
+        assert m["wins,none"] + m["ties,none"] + m["losses,none"] + m["unparsed_pairs,none"] == 2

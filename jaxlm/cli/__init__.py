@@ -23,7 +23,7 @@ from jaxlm.errors import Interrupted, JaxlmError
 # command -> (module in jaxlm.cli, one-line help). Keep this table and the modules' `register` in step.
 COMMANDS = {
     "train": ("train", "train a model (language modelling; chat data trains on assistant turns)"),
-    "eval": ("eval", "perplexity of a checkpoint on data, overall and per group"),
+    "eval": ("eval", "perplexity per group, lm-evaluation-harness benchmarks, XSTest and judged comparisons"),
     "generate": ("generate", "sample continuations from a checkpoint (long inputs with retrieval attention)"),
     "align": ("align", "preference training: DPO, LN-DPO, SimPO and the *PO family"),
     "analyze": ("align", "KL(policy || reference) and response lengths on a prompt set"),

@@ -4,7 +4,7 @@ benchmarks, refusal/safety evals, judged pairwise comparisons, suites and before
     jaxlm eval --checkpoint CKPT --data eval.jsonl [--group-field family]        perplexity
     jaxlm eval --checkpoint CKPT --task hellaswag,arc_easy [--limit 500] [--num-fewshot 5]
                [--output results.json] [--samples samples.jsonl]
-    jaxlm eval --checkpoint CKPT --task xstest [--judge JUDGE_CKPT]
+    jaxlm eval --checkpoint CKPT --task xstest,harmful [--judge JUDGE_CKPT | --judge URL --judge-model NAME]
     jaxlm eval --checkpoint CKPT --suite quick|full --output results.json
     jaxlm eval --compare before.json after.json
     jaxlm eval --pairwise A B --judge JUDGE [--data prompts.jsonl]              A, B: response files or checkpoints
@@ -18,7 +18,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from jaxlm import checkpoint, parallel
@@ -35,6 +44,23 @@ from jaxlm.cli.common import (
 from jaxlm.data.sources import read_records
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import DataError, UsageError
+from jaxlm.eval import report
+from jaxlm.eval.generation import LocalChat, generate_replies, user_turns
+from jaxlm.eval.judges import ClientJudge, judge_pairwise
+from jaxlm.eval.report import compare_rows, fmt, read_results, summary_rows
+from jaxlm.eval.runner import (
+    GENERATIVE,
+    TASKS,
+    Model,
+    data_dir,
+    parse_task_args,
+    resolve_data,
+    run_task,
+    suite_tasks,
+)
+from jaxlm.train.loop import evaluate_lm, params_shardings
+
+__all__ = ["ClientJudge", "cmd_eval", "load_model", "make_judge", "progress_bar", "register"]
 
 TASKS_HELP = "hellaswag, arc_easy, arc_challenge, piqa, lambada, xstest, harmful"
 
@@ -74,6 +100,7 @@ def register(sub, name, help_text):
     g.add_argument("--judge", metavar="CKPT|URL",
                    help="LLM judge: a jaxlm checkpoint (run locally) or an OpenAI-protocol URL")
     g.add_argument("--judge-model", default="", help="model name at the judge URL")
+    g.add_argument("--judge-max-tokens", type=positive_int, default=512, help="longest judge reply")
     g.add_argument("--pairwise", nargs=2, metavar=("A", "B"),
                    help="judge two models' replies: response files (.jsonl: prompt, response[, checklist, rubric]) "
                         "or checkpoints (replies to --data prompts)")
@@ -97,8 +124,6 @@ def cmd_eval(args, overrides):
 
 # ----------------------------------------------------------------------------- perplexity
 def cmd_perplexity(args, overrides):
-    from jaxlm.train.loop import evaluate_lm, params_shardings
-
     saved = checkpoint.load_config(args.checkpoint)
     cfg_dict = run_config.from_dict({k: v for k, v in saved.items() if k in ("model", "data", "train")})
     cfg_dict.train.eval_batches = args.max_batches
@@ -134,10 +159,6 @@ def cmd_perplexity(args, overrides):
 # ----------------------------------------------------------------------------- shared pieces
 def load_model(path, tokenizer=None, dtype="float32"):
     """jaxlm.eval.Model of a checkpoint, computing in `dtype`."""
-    import jax.numpy as jnp
-
-    from jaxlm.eval.runner import Model
-
     model_cfg, params, spec = checkpoint.model_from_checkpoint(path)
     spec = tokenizer or spec
     if not spec:
@@ -155,46 +176,15 @@ def make_judge(args):
     if args.judge.startswith(("http://", "https://")):
         if not args.judge_model:
             raise UsageError("--judge URL needs --judge-model NAME (the model the server serves)")
-        return ClientJudge(args.judge, args.judge_model)
-    from jaxlm.eval.generation import LocalChat
-
+        return ClientJudge(args.judge, args.judge_model, max_tokens=args.judge_max_tokens)
     m = load_model(args.judge)
-    return LocalChat(m.config, m.params, m.tok, max_new_tokens=512, batch_size=args.gen_batch_size)
-
-
-class ClientJudge:
-    """A judge behind an OpenAI-protocol server (`jaxlm serve`, vLLM, a hosted model): greedy replies;
-    the key comes from OPENAI_API_KEY. A failed or empty reply comes back as '' (counted as unparsed)."""
-
-    def __init__(self, url: str, model: str, max_tokens: int = 512, **client_options):
-        from jaxlm.infer.client import ChatClient
-
-        self.client = ChatClient(url, model=model, progress=False, **client_options)
-        self.params = {"temperature": 0.0, "max_tokens": max_tokens}
-
-    def __call__(self, messages, **sampling):
-        return self.client.chat(list(messages), **{**self.params, **sampling}).text or ""
-
-    def many(self, conversations, progress=None):
-        out = [r.text or "" for r in self.client.chat_many([list(c) for c in conversations], **self.params)]
-        if progress:
-            progress(len(out), len(out))
-        return out
+    return LocalChat(m.config, m.params, m.tok, max_new_tokens=args.judge_max_tokens, batch_size=args.gen_batch_size)
 
 
 @contextmanager
 def progress_bar(description: str):
     """A callback progress(done, total): a bar on terminals, a line per quarter otherwise."""
     if console.is_terminal:
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         bar = Progress(TextColumn(f"[bold]{escape(description)}"), BarColumn(), MofNCompleteColumn(),
                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
         task = bar.add_task(description, total=None)
@@ -214,15 +204,13 @@ def progress_bar(description: str):
 
 # ----------------------------------------------------------------------------- tasks and suites
 def cmd_tasks(args):
-    from jaxlm.eval import report
-    from jaxlm.eval.runner import data_dir, parse_task_args, resolve_data, run_task, suite_tasks
-
     if not args.checkpoint:
         raise UsageError("--task / --suite need --checkpoint CKPT")
     plan = [(name, path, {}) for name, path in parse_task_args(args.task or [])]
     if args.suite:
         named = {n for n, _, _ in plan}
-        plan += [(name, None, opts) for name, opts in suite_tasks(args.suite) if name not in named]
+        plan += [(name, None, {**opts, "suite": args.suite}) for name, opts in suite_tasks(args.suite)
+                 if name not in named]
     if args.data:
         if len(plan) != 1 or plan[0][1]:
             raise UsageError("--data gives one task's rows: use --task NAME=PATH for several tasks")
@@ -232,7 +220,9 @@ def cmd_tasks(args):
     for _, path, _ in jobs:
         if not Path(path.split("[")[0]).exists():
             raise DataError(f"data file {path} not found")
-    judge = make_judge(args)
+    if args.num_fewshot and any(name in GENERATIVE for name, _, opts in plan if not opts.get("suite")):
+        raise UsageError(f"--num-fewshot applies to the log-likelihood tasks only ({', '.join(TASKS)})")
+    judge = make_judge(args) if any(name in GENERATIVE for name, _, _ in jobs) else None
     t_load = time.perf_counter()
     model = load_model(args.checkpoint, args.tokenizer, args.dtype)
     console.print(f"loaded {escape(str(args.checkpoint))} ({model.config.num_params / 1e6:.1f}M parameters) "
@@ -242,7 +232,8 @@ def cmd_tasks(args):
         limit = args.limit or opts.get("limit")
         max_new = args.max_new_tokens or opts.get("max_new_tokens") or 256
         with progress_bar(name) as cb:
-            o = run_task(model, name, path, num_fewshot=args.num_fewshot, limit=limit, seed=args.fewshot_seed,
+            shots = args.num_fewshot if name in TASKS else 0  # a suite's generative tasks take no shots
+            o = run_task(model, name, path, num_fewshot=shots, limit=limit, seed=args.fewshot_seed,
                          batch_tokens=args.batch_tokens, bootstrap_iters=args.bootstrap_iters, max_new_tokens=max_new,
                          gen_batch_size=args.gen_batch_size, system=args.system_prompt, judge=judge, progress=cb)
         console.print(f"{name}: {o.n} rows in {o.seconds:.1f}s")
@@ -265,8 +256,6 @@ def cmd_tasks(args):
 
 
 def print_summary(doc, title):
-    from jaxlm.eval.report import fmt, summary_rows
-
     table = Table("task", "metric", "value", "± stderr", "n", title=escape(str(title)))
     for task, metric, value, se, n in summary_rows(doc):
         table.add_row(escape(task), metric, fmt(value), fmt(se), str(n))
@@ -274,8 +263,6 @@ def print_summary(doc, title):
 
 
 def print_tables(o):
-    from jaxlm.eval.report import fmt
-
     if "by_type" in o.tables:
         t = Table("type", "n", "compliance", "full refusal", "partial refusal", title=f"{o.task} by prompt type")
         for typ, r in o.tables["by_type"].items():
@@ -292,8 +279,6 @@ def print_tables(o):
 
 # ----------------------------------------------------------------------------- compare
 def cmd_compare(args):
-    from jaxlm.eval.report import compare_rows, fmt, read_results
-
     a, b = (read_results(p) for p in args.compare)
     rows = compare_rows(a, b)
     if not rows:
@@ -336,8 +321,6 @@ def _replies_of(args, source, prompts_rows):
     """Rows {prompt, response, ...} of a response file, or of a checkpoint answering the prompts."""
     if Path(source).is_file():
         return _read_responses(source)
-    from jaxlm.eval.generation import generate_replies, user_turns
-
     if prompts_rows is None:
         raise UsageError(f"{source} is a checkpoint: give the prompts with --data PROMPTS.jsonl")
     m = load_model(source, args.tokenizer, args.dtype)
@@ -350,9 +333,6 @@ def _replies_of(args, source, prompts_rows):
 
 
 def cmd_pairwise(args):
-    from jaxlm.eval.judges import judge_pairwise
-    from jaxlm.eval.report import fmt
-
     if not args.judge:
         raise UsageError("--pairwise needs --judge CKPT|URL")
     prompts = None

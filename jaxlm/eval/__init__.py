@@ -17,7 +17,7 @@ Perplexity per group (`jaxlm eval --data`) lives with the training loop's evalua
 (`jaxlm.train.loop.evaluate_lm`).
 """
 
-from jaxlm.eval.judges import judge_pairwise, judge_refusals, parse_verdict, parse_xstest_label
+from jaxlm.eval.judges import ClientJudge, judge_pairwise, judge_refusals, parse_verdict, parse_xstest_label
 from jaxlm.eval.loglik import TaskResult, evaluate_loglik
 from jaxlm.eval.runner import SUITES, TASK_NAMES, Model, Outcome, run_task
 from jaxlm.eval.safety import strmatch_label
@@ -25,7 +25,7 @@ from jaxlm.eval.scoring import encode_pair, score_requests
 from jaxlm.eval.tasks import TASKS, build_questions, get_task, read_docs
 
 __all__ = [
-    "SUITES", "TASKS", "TASK_NAMES", "Model", "Outcome", "TaskResult", "build_questions", "encode_pair",
+    "SUITES", "TASKS", "TASK_NAMES", "ClientJudge", "Model", "Outcome", "TaskResult", "build_questions", "encode_pair",
     "evaluate_loglik", "get_task", "judge_pairwise", "judge_refusals", "parse_verdict", "parse_xstest_label",
     "read_docs", "run_task", "score_requests", "strmatch_label",
 ]

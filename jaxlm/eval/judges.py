@@ -19,8 +19,35 @@ from collections.abc import Callable, Sequence
 
 from jaxlm.eval.metrics import bootstrap_ci
 from jaxlm.eval.safety import COMPLIANCE, PARTIAL, REFUSAL, UNPARSED
+from jaxlm.infer.client import ChatClient
 
 Complete = Callable[[Sequence[dict]], str]
+
+
+class ClientJudge:
+    """A judge behind an OpenAI-protocol server (`jaxlm serve`, vLLM, a hosted model): greedy replies,
+    batched through the client's concurrency cap; the key comes from OPENAI_API_KEY. An empty reply
+    comes back as '' (then counted as unparsed); a server that refuses or stays down after the
+    client's retries is an error (jaxlm.infer.client.ClientError), not a silently unparsed row."""
+
+    def __init__(self, url: str, model: str, max_tokens: int = 512, **client_options):
+        self.client = ChatClient(url, model=model, progress=False, **client_options)
+        self.params = {"temperature": 0.0, "max_tokens": max_tokens}
+
+    def __call__(self, messages, **sampling):
+        return self.client.chat(list(messages), **{**self.params, **sampling}).text or ""
+
+    def many(self, conversations, progress=None):
+        convs = [list(c) for c in conversations]
+        out: list[str] = []
+        step = max(1, self.client.concurrency * 4)  # a few rounds per progress report
+        if progress:
+            progress(0, len(convs))
+        for start in range(0, len(convs), step):
+            out += [r.text or "" for r in self.client.chat_many(convs[start:start + step], **self.params)]
+            if progress:
+                progress(len(out), len(convs))
+        return out
 
 
 def complete_all(complete, conversations: Sequence[Sequence[dict]], progress=None) -> list[str]:
