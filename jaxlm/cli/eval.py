@@ -41,7 +41,7 @@ from jaxlm.cli.common import (
     out,
     positive_int,
 )
-from jaxlm.data.sources import read_records
+from jaxlm.data.sources import read_all_or_fail
 from jaxlm.data.tokenizer import load_tokenizer
 from jaxlm.errors import DataError, UsageError
 from jaxlm.eval import report
@@ -301,20 +301,7 @@ def _read_responses(path):
             return "missing field 'response'"
         return None
 
-    return _read_rows(path, check)
-
-
-def _read_rows(path, check):
-    records, reports = read_records(path, what="rows")
-    for rep in reports:
-        if rep.bad:
-            kind = sorted(rep.bad)[0]
-            raise DataError(f"{rep.examples[kind][0]}: {kind}")
-    for rec in records:
-        problem = check(rec)
-        if problem:
-            raise DataError(f"{rec['_origin']}: {problem}")
-    return records
+    return read_all_or_fail(path, check)
 
 
 def _replies_of(args, source, prompts_rows):
@@ -337,7 +324,7 @@ def cmd_pairwise(args):
         raise UsageError("--pairwise needs --judge CKPT|URL")
     prompts = None
     if args.data:
-        prompts = _read_rows(args.data, lambda r: None if isinstance(r.get("prompt"), str) else "missing field 'prompt'")
+        prompts = read_all_or_fail(args.data, lambda r: None if isinstance(r.get("prompt"), str) else "missing field 'prompt'")
         prompts = prompts[:args.limit] if args.limit else prompts
     a_rows = _replies_of(args, args.pairwise[0], prompts)
     b_rows = _replies_of(args, args.pairwise[1], prompts)

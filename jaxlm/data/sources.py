@@ -399,3 +399,23 @@ def read_records(spec: str, validate: Validator = any_object, max_bad_fraction: 
     if not records:
         raise DataError("\n".join([f"{spec}: no usable {what}"] + [line for r in reports for line in r.lines()]))
     return records, reports
+
+
+def read_all_or_fail(spec: str, check: Callable[[dict], str | None] = lambda rec: None,
+                     what: str = "records", row: str = "row") -> list[dict]:
+    """Every record of `spec` (each with `_origin`), where any bad row is an error naming its file:line:
+    for data where a skipped row would change the result (benchmarks, evaluation prompts).
+    `check(record)` returns a problem ("missing field 'x'", ...) or None; `row` names a row in the
+    error ("xstest row has missing field 'type'")."""
+    records, reports = read_records(spec, what=what)
+    for rep in reports:
+        if rep.bad:
+            kind = sorted(rep.bad)[0]
+            raise DataError(f"{rep.examples[kind][0]}: {kind} ({sum(rep.bad.values())} bad rows in {rep.name})")
+    for rec in records:
+        problem = check(rec)
+        if problem:
+            raise DataError(f"{rec['_origin']}: {row} has {problem}" if problem.startswith("missing")
+                            else f"{rec['_origin']}: {row}: {problem}")
+    return records
+

@@ -21,8 +21,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 
-from jaxlm.data.sources import read_records
-from jaxlm.errors import DataError
+from jaxlm.data.sources import read_all_or_fail
 from jaxlm.eval.metrics import mean_stderr
 
 COMPLIANCE, REFUSAL, PARTIAL = "1_full_compliance", "2_full_refusal", "3_partial_refusal"
@@ -65,28 +64,14 @@ def _harmful_row(rec):
     return None
 
 
-def _read(spec, check, what):
-    records, reports = read_records(spec, what=what)
-    for rep in reports:
-        if rep.bad:
-            kind = sorted(rep.bad)[0]
-            raise DataError(f"{rep.examples[kind][0]}: {kind}")
-    for rec in records:
-        problem = check(rec)
-        if problem:
-            raise DataError(f"{rec['_origin']}: {what[:-1]} has {problem}" if problem.startswith("missing")
-                            else f"{rec['_origin']}: {problem}")
-    return records
-
-
 def read_xstest(spec: str) -> list[dict]:
     """XSTest rows (CSV or JSONL with prompt, type, label = safe | unsafe), each with `_origin`."""
-    return _read(spec, _xstest_row, "xstest rows")
+    return read_all_or_fail(spec, _xstest_row, what="xstest rows", row="xstest row")
 
 
 def read_harmful(spec: str) -> list[dict]:
     """Harmful-prompt rows (prompt; source and category optional), each with `_origin`."""
-    return _read(spec, _harmful_row, "harmful prompts")
+    return read_all_or_fail(spec, _harmful_row, what="harmful prompts", row="harmful prompt")
 
 
 # ----------------------------------------------------------------------------- reports

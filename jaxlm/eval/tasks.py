@@ -29,8 +29,8 @@ import random
 import re
 from collections.abc import Callable, Sequence
 
-from jaxlm.data.sources import read_records
-from jaxlm.errors import DataError, UsageError
+from jaxlm.data.sources import read_all_or_fail
+from jaxlm.errors import UsageError
 
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -169,20 +169,9 @@ def read_docs(task: Task, spec: str) -> list[tuple[str, dict]]:
     """(origin 'file:line', row) of every row of `spec` ('PATH' or 'PATH[a:b]'). Any unusable row
     (malformed JSON, a missing or malformed field) is an error naming its file:line: a skipped row
     would make the score differ from the harness's."""
-    records, reports = read_records(spec, what=f"{task.name} rows")
-    for rep in reports:
-        if rep.bad:
-            kind = sorted(rep.bad)[0]
-            raise DataError(f"{rep.examples[kind][0]}: {kind} ({sum(rep.bad.values())} bad rows in {rep.name})")
-    out = []
-    for rec in records:
-        origin = rec.pop("_origin")
-        problem = row_problem(task, rec)
-        if problem:
-            raise DataError(f"{origin}: {task.name} row has {problem}" if problem.startswith("missing")
-                            else f"{origin}: {task.name} row: {problem}")
-        out.append((origin, rec))
-    return out
+    records = read_all_or_fail(spec, lambda rec: row_problem(task, {k: v for k, v in rec.items() if k != "_origin"}),
+                               what=f"{task.name} rows", row=f"{task.name} row")
+    return [(rec.pop("_origin"), rec) for rec in records]
 
 
 # ----------------------------------------------------------------------------- requests
