@@ -11,7 +11,7 @@ from conftest import tiny_config
 
 from jaxlm.cli.recipe import load_recipe_config
 from jaxlm.errors import ConfigError, DataError
-from jaxlm.eval.safety import COMPLIANCE, PARTIAL, REFUSAL
+from jaxlm.eval.safety import COMPLIANCE, PARTIAL, REFUSAL, strmatch_label
 from jaxlm.recipes import porover
 from jaxlm.recipes.porover import (
     RECIPE,
@@ -95,6 +95,32 @@ def test_prompts_on_the_real_files_are_disjoint_halves(shared_data, tmp_path):
         assert n in (12, 13), t  # stratified by type
     xs_unsafe = [r for r in rows if r["kind"] == "toxic" and r["source"] == "xstest"]
     assert len(xs_unsafe) == 200 and sum(r["split"] == "eval" for r in xs_unsafe) == 100
+    # the harmful file, read here on its own: every distinct prompt (not already an XSTest prompt) is on
+    # exactly one side, and each category is split in half (floor or ceiling)
+    xs_texts = {porover.norm_text(r["prompt"]) for r in rows if r["source"] == "xstest"}
+    by_category: dict = {}
+    for line in open(shared_data / "safety" / "harmful_prompts.jsonl"):
+        rec = json.loads(line)
+        key = porover.norm_text(rec["prompt"])
+        if key not in xs_texts:
+            by_category.setdefault(rec["category"], set()).add(key)
+    harmful = [r for r in rows if r["source"] == "harmful"]
+    assert sorted(porover.norm_text(r["prompt"]) for r in harmful) == sorted(set().union(*by_category.values()))
+    for cat, texts in by_category.items():
+        n_train = sum(r["category"] == cat and r["split"] == "train" for r in harmful)
+        assert n_train in (len(texts) // 2, (len(texts) + 1) // 2), cat
+    # the mini preset's small samples come from the same halves (sampling never crosses the split)
+    # and keep every XSTest type
+    mini = load_recipe_config("porover", None, "mini", [f"--config.recipe.data.dir={shared_data}"]).recipe
+    RECIPE.run(mini, tmp_path / "mini", until="prompts")
+    small = [json.loads(line) for line in open(tmp_path / "mini" / "prompts.jsonl")]
+    full_split = {r["id"]: r["split"] for r in rows}
+    assert all(full_split[r["id"]] == r["split"] for r in small)
+    small_safe_train = [r for r in small if r["kind"] == "seemingly_toxic" and r["split"] == "train"]
+    assert len(small_safe_train) == mini.data.train_seemingly_toxic
+    types = {r["type"] for r in safe}
+    assert len(types) == 10 and {r["type"] for r in small if r["kind"] == "seemingly_toxic"} == types
+    assert sum(r["split"] == "eval" and r["source"] == "harmful" for r in small) == mini.data.eval_harmful
 
 
 # ----------------------------------------------------------------------------- judging rules
@@ -302,6 +328,30 @@ def test_teacher_errors_and_empty_text_counted_below_the_threshold_and_stop_abov
                    tmp_path / "b", until="overgenerate")
 
 
+def test_a_rerun_after_a_stopped_stage_asks_again_only_what_failed(tmp_path, stub_server):
+    url, calls = stub_server
+    write_xstest(tmp_path / "x.csv")
+    lines = [json.dumps({"prompt": p, "source": "s", "category": "c"}) for p in ("FAIL400 a", "FAIL500 b")]
+    write_harmful(tmp_path / "h.jsonl", n=3, extra_lines=lines)
+    strict = {"data.train_fraction": 1.0, "overgenerate.max_bad_fraction": 0.01}
+    n0 = len(calls)
+    with pytest.raises(DataError, match="recipe.overgenerate.max_bad_fraction"):
+        RECIPE.run(stub_config(tmp_path, url, **strict), tmp_path / "a", until="select")
+    first = calls[n0:]
+    assert len(first) == 19 * 2 + 2 * 1 + 2 * 2  # 19 good prompts x 2 teachers; 400 once, 500 retried once
+    n1 = len(calls)
+    s = RECIPE.run(stub_config(tmp_path, url, **{**strict, "overgenerate.max_bad_fraction": 0.5}), tmp_path / "a",
+                   until="select")
+    again = calls[n1:]
+    # only the failed requests are asked again (failures are never cached); the 38 answers come from the cache
+    assert len(again) == 2 * 1 + 2 * 2 and all("FAIL" in text for text in again)
+    assert s["overgenerate"]["completions"] == 19 * 2 * 2
+    n2 = len(calls)
+    RECIPE.run(stub_config(tmp_path, url, **{**strict, "overgenerate.max_bad_fraction": 0.5}), tmp_path / "a",
+               until="select")
+    assert len(calls) == n2  # finished stages are skipped: nothing asked
+
+
 def test_llm_judge_stage_and_its_parse_failures(tmp_path, stub_server):
     url, calls = stub_server
     write_xstest(tmp_path / "x.csv")
@@ -362,6 +412,87 @@ ARTEFACTS = ("prompts.jsonl", "completions.jsonl", "judged.jsonl", "sft_data.jso
              "selection.jsonl", "eval_replies.jsonl")
 
 
+def jsonl(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def wilson_here(k, n, z=1.96):
+    """The Wilson score interval, written out here from its formula (not the library's)."""
+    p = k / n
+    centre = p + z * z / (2 * n)
+    half = z * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def check_artefacts_independently(d):
+    """What a reader of the run directory can recompute from its JSONL artefacts, without the recipe's
+    code: no prompt crosses the split, pairs and targets obey the rules, the report's counts and
+    intervals are the eval replies' own."""
+    prompts = {p["id"]: p for p in jsonl(d / "prompts.jsonl")}
+    train = {i for i, p in prompts.items() if p["split"] == "train"}
+    held = {i for i, p in prompts.items() if p["split"] == "eval"}
+    assert train and held and not train & held
+    assert not {porover.norm_text(prompts[i]["prompt"]) for i in train} & {
+        porover.norm_text(prompts[i]["prompt"]) for i in held}
+    completions = jsonl(d / "completions.jsonl")
+    assert {r["prompt_id"] for r in completions} <= train  # the teachers never see an eval prompt
+    judged = {(r["prompt_id"], r["teacher"], r["sample"]): r for r in jsonl(d / "judged.jsonl")}
+    refusing = ("2_full_refusal", "3_partial_refusal")
+    for r in judged.values():  # rules mode: labels and helpfulness follow from the text alone
+        words = len(r["text"].split())
+        assert r["helpfulness"] == pytest.approx(0.5 * (r["finish_reason"] == "stop") + 0.5 * min(words, 150) / 150,
+                                                 abs=1e-4)
+        assert r["safe"] == (r["kind"] != "toxic" or r["refusal"] in refusing)
+    # pairs: exactly the train prompts that have both sides, built from judged completions
+    expect = set()
+    for i in train:
+        cands = [r for k, r in judged.items() if k[0] == i]
+        if prompts[i]["kind"] == "seemingly_toxic":
+            if any(r["refusal"] == COMPLIANCE for r in cands) and any(r["refusal"] in refusing for r in cands):
+                expect.add(i)
+        elif prompts[i]["kind"] == "toxic" and any(r["safe"] for r in cands) and any(not r["safe"] for r in cands):
+            expect.add(i)
+    pairs = jsonl(d / "pairs.jsonl")
+    assert {p["prompt_id"] for p in pairs} == expect
+    for p in pairs:
+        chosen, rejected = judged[(p["prompt_id"], *p["chosen_from"])], judged[(p["prompt_id"], *p["rejected_from"])]
+        assert (p["chosen"][0]["content"], p["rejected"][0]["content"]) == (chosen["text"], rejected["text"])
+        if p["kind"] == "seemingly_toxic":
+            assert chosen["refusal"] == COMPLIANCE and rejected["refusal"] in refusing
+        else:
+            assert chosen["safe"] and not rejected["safe"]
+    for t in jsonl(d / "sft_data.jsonl"):  # the most helpful acceptable completion of its prompt
+        cands = [r for k, r in judged.items() if k[0] == t["prompt_id"]]
+        ok = [r for r in cands if r["safe"] and (t["kind"] == "toxic" or r["refusal"] == COMPLIANCE)]
+        best = judged[(t["prompt_id"], t["teacher"], t["sample"])]
+        assert best in ok and t["messages"][-1]["content"] == best["text"]
+        pool = [r for r in ok if r["redirect"]] or ok  # toxic: a redirect before a flat refusal
+        assert best["helpfulness"] == max(r["helpfulness"] for r in pool) and best in pool
+    # the report's table, recomputed from eval_replies.jsonl
+    replies = jsonl(d / "eval_replies.jsonl")
+    report = (d / "report.md").read_text()
+    for model in ("base", "sft", "po"):
+        mine = [r for r in replies if r["model"] == model]
+        assert sorted(r["prompt_id"] for r in mine) == sorted(held)  # every eval prompt once
+        counts = {}
+        for name, keep in (("over", lambda p: p["source"] == "xstest" and p["label"] == "safe"),
+                           ("safety", lambda p: p["source"] == "xstest" and p["label"] == "unsafe"),
+                           ("harmful", lambda p: p["source"] == "harmful")):
+            rows = [r for r in mine if keep(prompts[r["prompt_id"]])]
+            counts[name] = (sum(r["label"] in refusing for r in rows), len(rows))
+            assert all(r["label"] == strmatch_label(r["completion"]) for r in rows)
+        line = next(x for x in report.splitlines() if x.startswith(f"| {model} |"))
+        cells = [x.strip() for x in line.strip("|").split("|")]
+        for cell, (k, n) in zip((cells[1], cells[2], cells[4]), (counts["over"], counts["safety"],
+                                                                  counts["harmful"])):
+            lo, hi = wilson_here(k, n)
+            assert cell == f"{100 * k / n:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({k}/{n})", (model, cell)
+        s, u = counts["safety"][0] / counts["safety"][1], 1 - counts["over"][0] / counts["over"][1]
+        f = 0.0 if s + u == 0 else 2 * s * u / (s + u)
+        assert cells[3].startswith(f"{100 * f:.1f}%"), (model, cells[3])
+    assert (d / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_every_stage_end_to_end_and_resumed_after_each_stage(tmp_path, tiny_teacher):
     write_xstest(tmp_path / "x.csv", per_type=2)
     write_harmful(tmp_path / "h.jsonl", n=4)
@@ -378,6 +509,10 @@ def test_every_stage_end_to_end_and_resumed_after_each_stage(tmp_path, tiny_teac
     assert (d / "report.png").stat().st_size > 1000
     replies = [json.loads(line) for line in open(d / "eval_replies.jsonl")]
     assert {r["model"] for r in replies} == {"base", "sft", "po"}
+    check_artefacts_independently(d)
+    # every teacher request was asked once: one cached answer per (train prompt, teacher)
+    train = sum(r["split"] == "train" for r in jsonl(d / "prompts.jsonl"))
+    assert len(list((d / "cache" / "teacher").rglob("*.json"))) == 2 * train
     # a run stopped after every stage and resumed gives the same artefacts
     stepped = tmp_path / "stepped"
     for stage in RECIPE.stage_names():
@@ -395,3 +530,19 @@ def test_every_stage_end_to_end_and_resumed_after_each_stage(tmp_path, tiny_teac
     shutil.rmtree(stepped / "eval")
     RECIPE.run(cfg, stepped, from_stage="eval")
     assert (stepped / "eval_replies.jsonl").read_bytes() == (d / "eval_replies.jsonl").read_bytes()
+
+
+def test_sigterm_unwinds_a_recipe_run_like_ctrl_c():
+    """`timeout` or a scheduler stops `jaxlm recipe` with SIGTERM: the run unwinds (its finally blocks stop
+    the local servers it started) instead of dying with them orphaned; the old handler comes back."""
+    import os
+    import signal
+    import time
+
+    from jaxlm.cli.recipe import terminate_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises at once
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -54,12 +54,17 @@ def get_config():
         eval=dict(system="", max_new_tokens=64, batch_size=32, kl_prompts=64, kl_max_new_tokens=128, kl_samples=1),
     )
     presets = {
-        # SmolLM2-135M-Instruct end to end on a 2-core CPU in about an hour
+        # SmolLM2-135M-Instruct end to end on a 2-core CPU shared with other jobs (the teacher decoded
+        # ~7 tokens/s there): 12 + 12 train prompts x 2 teachers x n=4 completions of <= 64 tokens; one
+        # epoch of LoRA SFT and of DPO at a LoRA-sized learning rate; 50 + 30 + 30 held-out eval prompts
         "mini": {"recipe": dict(
             dir="runs/porover-mini",
-            data=dict(train_seemingly_toxic=40, train_toxic=40, eval_harmful=100),
-            overgenerate=dict(n=4, max_tokens=128),
-            sft=dict(seq_len=256), po=dict(seq_len=256),
-            eval=dict(max_new_tokens=32, kl_prompts=32, kl_max_new_tokens=96))},
+            data=dict(train_seemingly_toxic=12, train_toxic=12, eval_seemingly_toxic=50, eval_toxic_xstest=30,
+                      eval_harmful=30),
+            overgenerate=dict(n=4, max_tokens=64),
+            sft=dict(seq_len=256, batch_size=4, epochs=1.0, lr=5e-4, warmup_steps=1),
+            po=dict(seq_len=160, max_prompt_length=64, batch_size=2, epochs=1.0, lr=2e-4, warmup_steps=1),
+            # XSTest's string match reads a reply's opening words: 16 greedy tokens label it
+            eval=dict(max_new_tokens=16, batch_size=55, kl_prompts=4, kl_max_new_tokens=16))},
     }
     return ml_collections.ConfigDict({"recipe": recipe, "presets": presets})

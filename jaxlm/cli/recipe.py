@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import signal
+import threading
 from pathlib import Path
 
 from rich.markup import escape
@@ -57,6 +60,24 @@ def load_recipe_config(name: str, path: str | None, preset: str | None, override
     return cfg
 
 
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """Inside: a SIGTERM (`timeout`, a job scheduler) unwinds the run like Ctrl-C, so the local `jaxlm
+    serve` processes it started are stopped instead of left running."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def cmd_recipe(args, overrides):
     check_overrides(overrides)
     recipe = recipes.get(args.recipe)
@@ -69,7 +90,8 @@ def cmd_recipe(args, overrides):
     cfg = load_recipe_config(args.recipe, args.config, args.preset, overrides)
     run_dir = Path(args.dir or cfg.recipe.dir)
     console.print(f"recipe {recipe.name} in {escape(str(run_dir))}" + (f" (preset {args.preset})" if args.preset else ""))
-    summaries = recipe.run(cfg.recipe, run_dir, from_stage=args.from_stage, until=args.until, console=console)
+    with terminate_as_interrupt():
+        summaries = recipe.run(cfg.recipe, run_dir, from_stage=args.from_stage, until=args.until, console=console)
     report = run_dir / "report.md"
     if report.exists():
         console.print(f"[green]report[/green] {escape(str(report))}")

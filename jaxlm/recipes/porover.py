@@ -497,6 +497,7 @@ def stage_sft(run) -> dict:
     from jaxlm.recipes import training
 
     cfg = run.cfg
+    run.close()  # the teachers' local servers are done with: free their memory for training
     records = run.read_jsonl("sft_data.jsonl")
     tok = load_tokenizer(checkpoint.load_tokenizer_spec(cfg.student.checkpoint))
     rows = training.sft_rows(tok, records, cfg.sft.seq_len) if records else 0
@@ -510,6 +511,7 @@ def stage_po(run) -> dict:
     from jaxlm.recipes import training
 
     cfg = run.cfg
+    run.close()
     sft = json.loads(run.path("sft_model.json").read_text())
     pairs = run.read_jsonl("pairs.jsonl")
     out = training.finetune(run, "po", cfg.po, init=sft["checkpoint"], data=str(run.path("pairs.jsonl")),
