@@ -241,3 +241,24 @@ def agreement(a: Sequence[str], b: Sequence[str]) -> dict:
     return {"n": len(pairs), "left_out": len(a) - len(pairs), "kappa": None if k is None else round(k, 4),
             "accuracy": round(sum(x == y for x, y in pairs) / len(pairs), 4) if pairs else None,
             "confusion": {f"{x}>{y}": n for (x, y), n in sorted(Counter(pairs).items())}}
+
+
+# ----------------------------------------------------------------------------- conversations
+def context(messages: list[dict], end: int, keep: int, max_chars: int) -> list[dict]:
+    """messages[:end] (ending on a user turn) cut to its last `keep` messages, starting on a user
+    turn (a leading system turn kept), each clipped to max_chars."""
+    msgs = messages[:end]
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    body = msgs[len(system):]
+    if keep and len(body) > keep:
+        body = body[-keep:]
+    while body and body[0]["role"] != "user":
+        body = body[1:]
+    return [{"role": m["role"], "content": clip(m["content"], max_chars)} for m in system + body]
+
+
+def render(messages: list[dict]) -> str:
+    """A conversation as text, for the judge's [User request] block."""
+    if len(messages) == 1:
+        return messages[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)

@@ -37,6 +37,8 @@ from jaxlm.errors import ConfigError
 from jaxlm.recipes import spur
 from jaxlm.recipes.base import BadRows, Recipe, Stage
 from jaxlm.recipes.porover import data_path
+from jaxlm.recipes.spur import context, render
+from jaxlm.recipes.wildfeedback_eval import stage_eval
 
 GOLD = Path(__file__).resolve().parent.parent / "assets" / "wildfeedback_gold" / "gold.jsonl"
 
@@ -75,26 +77,6 @@ def feedback_turns(messages: list[dict]) -> list[int]:
     """Indices of the user turns that follow an assistant turn (the ones that can carry feedback)."""
     return [j for j in range(1, len(messages))
             if messages[j]["role"] == "user" and messages[j - 1]["role"] == "assistant"]
-
-
-def context(messages: list[dict], end: int, keep: int, max_chars: int) -> list[dict]:
-    """messages[:end] (ending on a user turn) cut to its last `keep` messages, starting on a user
-    turn (a leading system turn kept), each clipped to max_chars."""
-    msgs = messages[:end]
-    system = [m for m in msgs[:1] if m["role"] == "system"]
-    body = msgs[len(system):]
-    if keep and len(body) > keep:
-        body = body[-keep:]
-    while body and body[0]["role"] != "user":
-        body = body[1:]
-    return [{"role": m["role"], "content": spur.clip(m["content"], max_chars)} for m in system + body]
-
-
-def render(messages: list[dict]) -> str:
-    """A conversation as text, for the judge's [User request] block."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in messages)
 
 
 # ----------------------------------------------------------------------------- signals (pure)
@@ -374,7 +356,6 @@ def stage_align(run) -> dict:
             "reward_accuracy": last.get("rewards/accuracies"), "lora_rank": out["lora_rank"]}
 
 
-from jaxlm.recipes.wildfeedback_eval import stage_eval  # noqa: E402  (the eval stage and the report)
 
 RECIPE = Recipe("wildfeedback", [
     Stage("conversations", stage_conversations, config=("data", "seed"), outputs=("conversations.jsonl",),

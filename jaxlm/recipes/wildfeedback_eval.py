@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxlm.recipes import spur
 from jaxlm.recipes.report import bar_chart, markdown_table, rate
+from jaxlm.recipes.spur import context, render
 
 MODELS = ("base", "aligned")
 
@@ -21,7 +22,6 @@ MODELS = ("base", "aligned")
 def eval_items(convs: dict[str, dict], prefs: list[dict], *, keep: int, max_chars: int, limit: int = 0) -> list[dict]:
     """The eval split's DSAT turns: {id, prompt (messages up to the reply that drew the DSAT),
     checklist, original (that reply)}, at most `limit` (0 = all), in conversation order."""
-    from jaxlm.recipes.wildfeedback import context
 
     out = []
     for p in sorted(prefs, key=lambda p: (p["conversation"], p["message"])):
@@ -46,7 +46,6 @@ def _outcome_row(name: str, m: dict) -> list:
 def stage_eval(run) -> dict:
     from jaxlm.eval.judges import judge_pairwise
     from jaxlm.recipes import training
-    from jaxlm.recipes.wildfeedback import render
 
     cfg, ev, pc = run.cfg, run.cfg.eval, run.cfg.pairs
     convs = {c["id"]: c for c in run.read_jsonl("conversations.jsonl")}
