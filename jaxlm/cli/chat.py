@@ -22,6 +22,7 @@ from jaxlm.data.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
 from jaxlm.errors import UsageError
 from jaxlm.infer.generate import Generator, Sampling, bucket, left_pad, sample_logits
 from jaxlm.model import ModelConfig
+from jaxlm.recipes.gpa_rubric import system_from_args
 
 HELP = "/reset forgets the conversation, /system TEXT sets the system message, /exit leaves"
 
@@ -32,6 +33,10 @@ def register(sub, name, help_text):
                    help=f"a pulled model name or an Orbax checkpoint (default {models.DEFAULT_MODEL})")
     p.add_argument("--prompt", help="ask this once, print the reply and exit")
     p.add_argument("--system", help="system message")
+    p.add_argument("--rubric", metavar="FILE", help="GPA rubrics (rubrics.json of `jaxlm recipe gpa`): with --group, "
+                   "the group's rubric goes into the system message (GPA-CT)")
+    p.add_argument("--group", help="the user group whose rubric --rubric applies")
+    p.add_argument("--intent", help="only the rubric of this intent (default: every intent of the group)")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
     p.add_argument("--max-new-tokens", type=positive_int, default=512)
     p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
@@ -125,8 +130,9 @@ def cmd_chat(args, overrides):
     if not tok.chat_template:
         raise UsageError("the tokenizer has no chat template, so this model cannot chat",
                          hint="jaxlm generate samples plain continuations")
+    system = system_from_args(args.rubric, args.group, args.intent, args.system)
     session = ChatSession(model_cfg, params, tok, Sampling(args.temperature, args.top_k, args.top_p),
-                          args.max_new_tokens, args.system, args.seed)
+                          args.max_new_tokens, system, args.seed)
     if args.prompt is not None:
         session.ask(args.prompt, _write)
         _write("\n")

@@ -20,6 +20,7 @@ from jaxlm.cli.generate import model_and_tokenizer
 from jaxlm.errors import UsageError
 from jaxlm.infer.engine import Engine
 from jaxlm.infer.server import Server, serve
+from jaxlm.recipes.gpa_rubric import system_from_args
 
 
 def port_number(text: str) -> int:
@@ -51,6 +52,10 @@ def register(sub, name, help_text):
                    help="static: a batch runs to its end before new requests join (a baseline)")
     p.add_argument("--warmup", action="store_true",
                    help="compile every prompt and batch bucket before listening (no compile pauses later)")
+    p.add_argument("--rubric", metavar="FILE", help="GPA rubrics (rubrics.json of `jaxlm recipe gpa`): with --group, "
+                   "the group's rubric is added to every chat request's system message (GPA-CT)")
+    p.add_argument("--group", help="the user group whose rubric --rubric applies")
+    p.add_argument("--intent", help="only the rubric of this intent (default: every intent of the group)")
     p.set_defaults(func=cmd_serve, seed=0)
 
 
@@ -66,6 +71,7 @@ def cmd_serve(args, overrides):
         return 0
     if not args.checkpoint and not args.config:
         raise UsageError("give --checkpoint CKPT|NAME (or --config CONFIG for a freshly initialised model)")
+    system = system_from_args(args.rubric, args.group, args.intent)  # before the model loads: fail fast
     model_cfg, params, tok = model_and_tokenizer(args, overrides)
     if not tok.stop_ids:
         console.print("[yellow]warning: the tokenizer has no end-of-turn token: replies end only at max_tokens "
@@ -78,7 +84,7 @@ def cmd_serve(args, overrides):
         engine.warmup(max_prompt=max_len)
         console.print(f"compiled in {time.perf_counter() - t0:.0f}s")
     name = args.model_name or model_name(args.checkpoint)
-    server = Server(engine, tok, model_name=name, api_key=args.api_key, max_n=args.max_n)
+    server = Server(engine, tok, model_name=name, api_key=args.api_key, max_n=args.max_n, system_prompt=system)
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     for logger in ("jaxlm.serve", "jaxlm.engine"):

@@ -37,6 +37,7 @@ from jaxlm.infer.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    Message,
     TextStream,
     TokenizeRequest,
     active_tools,
@@ -46,6 +47,7 @@ from jaxlm.infer.protocol import (
     render_chat,
     token_text,
 )
+from jaxlm.infer.protocol import _text as message_text
 from jaxlm.infer.web import Background, Guard, install, serve  # noqa: F401 - serve, Background: this module's API
 
 log = logging.getLogger("jaxlm.serve")
@@ -120,14 +122,26 @@ class _Choice:
 # ----------------------------------------------------------------------------- the app
 class Server:
     def __init__(self, engine: E.Engine, tokenizer, *, model_name: str, api_key: str | None = None, max_n: int = 8,
-                 max_body_bytes: int = 4 << 20):
+                 max_body_bytes: int = 4 << 20, system_prompt: str | None = None):
         self.engine, self.tok, self.name, self.api_key = engine, tokenizer, model_name, api_key
+        self.system_prompt = system_prompt  # added to every chat's system message (GPA-CT rubrics)
         self.max_n, self.max_body_bytes = max_n, max_body_bytes
         self.context = engine.max_len
         self.created = int(time.time())
         self.stop_ids = list(tokenizer.stop_ids)
 
     # -- helpers --------------------------------------------------------------------------------
+    def _with_system(self, messages):
+        """The request's messages with the server's system prompt after its own system message (or first)."""
+        if not self.system_prompt:
+            return messages
+        if messages and messages[0].role in ("system", "developer"):
+            own = message_text(messages[0].content)
+            first = messages[0].model_copy(update={"role": "system",
+                                                   "content": f"{own}\n\n{self.system_prompt}" if own else self.system_prompt})
+            return [first, *messages[1:]]
+        return [Message(role="system", content=self.system_prompt), *messages]
+
     def _check_model(self, model: str):
         if model != self.name:
             raise APIError(404, f"The model `{model}` does not exist; this server serves `{self.name}`",
@@ -166,7 +180,7 @@ class Server:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
         self._check_n(body.n)
         tools = active_tools(body)
-        ids = render_chat(self.tok, body.messages, tools, body.tool_choice)
+        ids = render_chat(self.tok, self._with_system(body.messages), tools, body.tool_choice)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = self._max_tokens(len(ids), asked, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else 0
