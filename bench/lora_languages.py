@@ -3,6 +3,12 @@ English-only model), routed per example in one batch.
 
     python bench/lora_languages.py [--steps 200] [--batch 4] [--seq-len 64] [--rank 8] [--out runs/lora_languages]
 
+The README's figures: `--steps 30 --lr 3e-3 --held-out 40 --repeats 2 --eval-records 20`, the three
+adapters trained in parallel processes (`--train-only de|fr|es`), then `--part eval` and `--part speed`
+side by side (both reuse the trained adapters), on a 2-core machine
+shared with other jobs (a LoRA step of batch 4 x 64 took 15-60 s there, so a few hundred steps per
+language did not fit the time; the speed table gives the step time to plan `--steps` with).
+
 1. For German, French and Spanish (../shared/data/multilingual/xx.jsonl; the last 80 records of each
    are held out) the one training loop (`jaxlm train --config configs/lora.py --init ...`) fits one
    adapter on the frozen base: the same rank, alpha, steps, batch and learning rate for each. Each
@@ -45,7 +51,7 @@ def train_adapters(args, out: Path) -> dict:
     from jaxlm.train.loop import train
 
     runs = {}
-    for lang in LANGS:
+    for lang in ([args.train_only] if args.train_only else LANGS):
         log_dir = out / f"lora-{lang}"
         ckpt = log_dir / "checkpoints"
         if (ckpt / str(args.steps)).is_dir():
@@ -54,32 +60,32 @@ def train_adapters(args, out: Path) -> dict:
             runs[lang] = (ckpt, meta["seconds"], meta)
             continue
         cfg = run_config.load(f"{REPO}/configs/lora.py:{BASE}", [
-            f"--config.data.train={DATA}/{lang}.jsonl[:-{HELD_OUT}]",
-            f"--config.data.eval={DATA}/{lang}.jsonl[-{HELD_OUT}:]",
+            f"--config.data.train={DATA}/{lang}.jsonl[:-{args.held_out}]",
             f"--config.model.lora.adapters=('{lang}',)", f"--config.model.lora.rank={args.rank}",
             f"--config.model.lora.alpha={2.0 * args.rank}", f"--config.train.steps={args.steps}",
             f"--config.train.batch_size={args.batch}", f"--config.data.seq_len={args.seq_len}",
-            f"--config.train.lr={args.lr}", f"--config.log.dir={log_dir}", "--config.log.progress=false",
+            f"--config.train.lr={args.lr}", f"--config.train.warmup_steps={args.warmup}",
+            f"--config.log.dir={log_dir}", "--config.log.progress=false",
             "--config.log.tensorboard=false", f"--config.checkpoint.every={args.steps}"])
         t0 = time.perf_counter()
         result = train(cfg, init_from=BASE)
         seconds = time.perf_counter() - t0
-        meta = {"seconds": seconds, "loss": result.last.get("loss"), "eval_ppl": result.eval.get("ppl"),
+        meta = {"seconds": seconds, "loss": result.last.get("loss"),
                 "tokens": int(args.steps * args.batch * args.seq_len)}
         (log_dir / "summary.json").write_text(json.dumps(meta))
-        print(f"{lang}: {args.steps} steps in {seconds / 60:.1f} min, final loss {meta['loss']:.3f}, "
-              f"held-out ppl {meta['eval_ppl']:.2f}", flush=True)
+        print(f"{lang}: {args.steps} steps in {seconds / 60:.1f} min, final loss {meta['loss']:.3f}", flush=True)
         runs[lang] = (ckpt, seconds, meta)
     return runs
 
 
-def held_out_batches(tok, seq_len: int, batch: int) -> dict:
+def held_out_batches(tok, seq_len: int, batch: int, held_out: int, records: int = 0) -> dict:
     """{lang: [batch dict]} of the held-out records, packed into rows as the trainer's evaluation does."""
     from jaxlm.data.config import DataConfig
     from jaxlm.data.pipeline import eval_batches
 
     data = DataConfig(seq_len=seq_len, add_eos=True)
-    return {lang: [b for b, _ in eval_batches(data, f"{DATA}/{lang}.jsonl[-{HELD_OUT}:]", tok, batch)]
+    end = -(held_out - records) if 0 < records < held_out else ""
+    return {lang: [b for b, _ in eval_batches(data, f"{DATA}/{lang}.jsonl[-{held_out}:{end}]", tok, batch)]
             for lang in LANGS}
 
 
@@ -119,11 +125,13 @@ def mixed_batches(per_lang: dict):
         yield {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}, np.asarray(ids, np.int32)
 
 
-def evaluate(cfg, params, per_lang: dict, chunk: int) -> dict:
+def evaluate(cfg, params, per_lang: dict, chunk: int, mismatches: int = 2) -> dict:
+    """Per-language held-out perplexity: base, matching adapter, `mismatches` mismatched adapters
+    (language i scored with adapter i+1, i+2), all adapters merged."""
     from jaxlm.model import lora
 
     score = make_scorer(chunk)
-    conds = {"base": None, "matching": 0, "mismatched +1": 1, "mismatched +2": 2}
+    conds = {"base": None, "matching": 0, **{f"mismatched +{k}": k for k in range(1, mismatches + 1)}}
     sums = {c: np.zeros((len(LANGS), 2)) for c in (*conds, "merged all")}
     merged = lora.merge(cfg, params, list(LANGS))
     off = lora.off(cfg)
@@ -249,9 +257,19 @@ def main(argv=None):
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=None, help="warmup steps (default: a tenth of --steps)")
+    ap.add_argument("--held-out", type=int, default=HELD_OUT, help="last records of each language held out")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--train-only", choices=LANGS, help="train this language's adapter and stop (to train "
+                    "several in parallel processes; a later full run reuses them)")
+    ap.add_argument("--eval-records", type=int, default=0, help="score only the first N held-out records (0 = all)")
+    ap.add_argument("--mismatches", type=int, choices=(1, 2), default=2, help="mismatched adapters scored per language")
+    ap.add_argument("--part", choices=("all", "eval", "speed"), default="all",
+                    help="after training: both parts, or one (two processes can run them side by side)")
     ap.add_argument("--out", default=str(REPO / "runs" / "lora_languages"))
     args = ap.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = max(1, args.steps // 10)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     jax.config.update("jax_default_matmul_precision", "highest")
     from jaxlm.checkpoint import load_params, load_tokenizer_spec, model_from_checkpoint
@@ -263,6 +281,8 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     runs = train_adapters(args, out)
+    if args.train_only:
+        return
 
     base_cfg, _, spec = model_from_checkpoint(BASE)
     tok = load_tokenizer(load_tokenizer_spec(BASE) or spec)
@@ -274,17 +294,37 @@ def main(argv=None):
     print(f"model: {base_cfg.num_params / 1e6:.1f}M base params, {lora.count(params) / 1e6:.2f}M adapter params "
           f"({len(LANGS)} adapters of rank {args.rank})", flush=True)
 
-    per_lang = held_out_batches(tok, args.seq_len, 8)
-    ev = evaluate(cfg, params, per_lang, 64)
-    mism = {lang: (ev["ppl"]["mismatched +1"][lang] + ev["ppl"]["mismatched +2"][lang]) / 2 for lang in LANGS}
-    print(f"\nheld-out perplexity ({HELD_OUT} records per language, {args.seq_len}-token rows, one mixed batch "
-          "per step, every row routed):")
+    per_lang = held_out_batches(tok, args.seq_len, 8, args.held_out, args.eval_records)
+    results = {"args": vars(args), "train": {lang: runs[lang][2] for lang in LANGS},
+               "adapter_params": lora.count(params)}
+    if args.part in ("all", "eval"):
+        results.update(run_eval(args, cfg, params, per_lang))
+    if args.part in ("all", "speed"):
+        results.update(run_speed(args, cfg, params, per_lang))
+    name = "results.json" if args.part == "all" else f"results_{args.part}.json"
+    (out / name).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {out / name}")
+
+
+def run_eval(args, cfg, params, per_lang) -> dict:
+    ev = evaluate(cfg, params, per_lang, 64, args.mismatches)
+    mism = {lang: float(np.mean([ev["ppl"][f"mismatched +{k}"][lang] for k in range(1, args.mismatches + 1)]))
+            for lang in LANGS}
+    n = args.eval_records or args.held_out
+    print(f"\nheld-out perplexity ({n} held-out records per language, {args.seq_len}-token rows, mixed batches, "
+          "every row routed):")
     print(f"{'lang':6}{'tokens':>8}{'base':>10}{'matching':>10}{'mismatched':>12}{'merged all':>12}")
     for lang in LANGS:
         p = ev["ppl"]
         print(f"{lang:6}{ev['tokens'][lang]:>8}{p['base'][lang]:>10.2f}{p['matching'][lang]:>10.2f}{mism[lang]:>12.2f}"
               f"{p['merged all'][lang]:>12.2f}")
-    print(f"mixed batch vs each language alone: max |row NLL difference| {ev['routing_max_abs_nll_diff']:.2e}")
+    print(f"mixed batch vs each language alone: max |row NLL difference| {ev['routing_max_abs_nll_diff']:.2e}",
+          flush=True)
+    return {"eval": ev, "mismatched_mean": mism}
+
+
+def run_speed(args, cfg, params, per_lang) -> dict:
+    from jaxlm.model import lora
 
     batch = per_lang[LANGS[0]][0]
     small = {k: v[:args.batch] for k, v in batch.items()}
@@ -309,12 +349,7 @@ def main(argv=None):
     for k, v in inf["forward_seconds"].items():
         print(f"  forward {k:22}: {v * 1000:7.0f} ms ({inf['forward_tokens'] / v:,.0f} tok/s); decode "
               f"{inf['decode_tokens_per_s'][k]:.1f} tok/s (batch 3, {inf['decode_new_tokens']} new tokens)")
-
-    results = {"args": vars(args), "train": {lang: runs[lang][2] for lang in LANGS}, "eval": ev,
-               "mismatched_mean": mism, "train_speed": ts_, "opt_state_ratio": ratio, "inference": inf,
-               "adapter_params": lora.count(params)}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {out / 'results.json'}")
+    return {"train_speed": ts_, "opt_state_ratio": ratio, "inference": inf}
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ only them (plus a reference to the base). The tokenizer is the checkpoint's.
         --config.data.eval="../shared/data/multilingual/de.jsonl[-80:]" \\
         --config.model.lora.adapters="('de',)" --config.log.dir=runs/lora-de
 
-Short rows and a small batch fit a 135M model on a laptop CPU (bench/lora_languages.py: 200 steps,
-about 20 minutes); raise data.seq_len and train.batch_size on an accelerator.
+Short rows and a small batch fit a 135M model on a laptop CPU (bench/lora_languages.py measures the
+step time); raise data.seq_len and train.batch_size on an accelerator.
 """
 
 from jaxlm import checkpoint

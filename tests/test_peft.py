@@ -195,3 +195,43 @@ def test_bad_adapters_name_the_module(tmp_path):
     with_random_lora(big, "Llama").save_pretrained(tmp_path / "big_ad")
     with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.down_proj\.lora_B has shape \(96, 4\)"):
         jpeft.load_adapter(llama_dir, tmp_path / "big_ad")
+
+
+def test_convert_command_adapter_round_trip(tmp_path, capsys):
+    """`jaxlm convert --from-hf BASE --adapter DIR`, `--to-peft` (peft's key names, loads in peft) and
+    `--to-hf --merge-adapter` (loads in transformers): the same logits throughout."""
+    import transformers
+    from safetensors.numpy import load_file
+
+    from jaxlm.checkpoint import model_from_checkpoint
+    from jaxlm.cli import main
+
+    base, base_dir = hf_base(tmp_path, "Phi3", seed=7)
+    pm = with_random_lora(base, "Phi3", seed=8)
+    ref = hf_logits(pm, TOKENS)
+    pm.save_pretrained(tmp_path / "ad")
+    ckpt = tmp_path / "ckpt"
+    assert main(["convert", "--from-hf", str(base_dir), "--adapter", str(tmp_path / "ad"), "--adapter-name", "fr",
+                 "--out", str(ckpt)]) == 0
+    cfg, params, _ = model_from_checkpoint(ckpt)
+    assert cfg.lora.adapters == ("fr",)
+    np.testing.assert_allclose(jax_logits(cfg, params), ref, atol=TOL, rtol=0)
+
+    assert main(["convert", "--to-peft", "--checkpoint", str(ckpt), "--adapter", "fr", "--out", str(tmp_path / "peft")]) == 0
+    keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.self_attn.qkv_proj.lora_A.weight" in keys
+    assert keys == set(load_file(tmp_path / "ad" / "adapter_model.safetensors"))
+    theirs = peft.PeftModel.from_pretrained(transformers.Phi3ForCausalLM.from_pretrained(base_dir).eval(),
+                                            tmp_path / "peft").eval()
+    np.testing.assert_allclose(hf_logits(theirs, TOKENS), ref, atol=TOL, rtol=0)
+
+    assert main(["convert", "--to-hf", "--checkpoint", str(ckpt), "--merge-adapter", "fr",
+                 "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.Phi3ForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    np.testing.assert_allclose(hf_logits(merged, TOKENS), ref, atol=TOL, rtol=0)
+
+    capsys.readouterr()
+    assert main(["convert", "--to-hf", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")]) == 2
+    assert "has LoRA adapters ('fr',): pass --merge-adapter NAME" in capsys.readouterr().err.replace("\n", "")
+    assert main(["convert", "--to-peft", "--checkpoint", str(ckpt), "--adapter", "de", "--out", str(tmp_path / "y")]) == 2
+    assert "adapter 'de' is not one of the model's adapters" in capsys.readouterr().err.replace("\n", "")
