@@ -41,6 +41,7 @@ from jaxlm.errors import ConfigError, DataError
 from jaxlm.recipes import gpa_labels as L
 from jaxlm.recipes import gpa_stats
 from jaxlm.recipes.base import BadRows, Recipe, Stage
+from jaxlm.recipes.common import conversation_problem
 from jaxlm.recipes.gpa_eval import stage_eval
 from jaxlm.recipes.gpa_rubric import FORMAT, rubric_system
 from jaxlm.recipes.porover import data_path
@@ -68,24 +69,6 @@ def _hash01(*parts) -> float:
 
 
 # ----------------------------------------------------------------------------- conversations
-def conversation_problem(rec) -> str | None:
-    """Why a record cannot be used: messages must alternate user/assistant from a user turn (one
-    leading system turn allowed), each with string content, a user turn non-empty."""
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "missing messages"
-    if isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-        msgs = msgs[1:]
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return "missing content"
-        if m.get("role") != ("user", "assistant")[i % 2]:
-            return "non-alternating roles"
-        if m["role"] == "user" and not m["content"].strip():
-            return "missing content"
-    return None if msgs else "missing messages"
-
-
 def _label_names(cfg) -> tuple[list[str], list[str]]:
     groups = names(cfg.labels.groups, "recipe.labels.groups")
     intents = names(cfg.labels.intents, "recipe.labels.intents")

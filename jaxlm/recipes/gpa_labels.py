@@ -12,9 +12,10 @@ Rules (unit-tested on crafted conversations):
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
+
+from jaxlm.recipes.common import first_json
 
 RULE_GROUPS = ("developer", "general")
 RULE_INTENTS = ("coding", "writing", "explanation", "advice")
@@ -124,18 +125,6 @@ EXTRACT_PROMPT = (
 CANON_PROMPT = (
     "Rewrite this preference of a user as a short, general phrase that starts with \"prefers\" or \"wants\" "
     "(at most 8 words). Answer with the phrase only.\n\nPreference: {statement}")
-
-
-def first_json(text: str):
-    """The first JSON object or list that parses in `text`, or None."""
-    text = str(text or "")
-    dec = json.JSONDecoder()
-    for m in re.finditer(r"[\[{]", text):
-        try:
-            return dec.raw_decode(text[m.start():])[0]
-        except ValueError:
-            continue
-    return None
 
 
 def _one_of(text: str, names) -> str | None:

@@ -14,10 +14,11 @@ and agreement (rules vs judge, either vs the hand-labelled gold set) is Cohen's 
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
+
+from jaxlm.recipes.common import first_json
 
 SAT = {
     "Gratitude": "the user thanks the assistant or expresses appreciation",
@@ -146,18 +147,6 @@ def judge_messages(assistant: str, user: str, max_chars: int = 800) -> list[dict
 
 
 _CANON = {re.sub(r"[^a-z]", "", c.lower()): c for c in CATEGORIES}
-
-
-def first_json(text: str):
-    """The first JSON object or list that parses in `text` (models wrap JSON in prose or fences), or None."""
-    text = str(text or "")
-    dec = json.JSONDecoder()
-    for m in re.finditer(r"[\[{]", text):
-        try:
-            return dec.raw_decode(text[m.start():])[0]
-        except ValueError:
-            continue
-    return None
 
 
 def parse_judge(reply: str) -> list[str] | None:

@@ -36,6 +36,7 @@ from jaxlm.data.sources import read_records
 from jaxlm.errors import ConfigError
 from jaxlm.recipes import spur
 from jaxlm.recipes.base import BadRows, Recipe, Stage
+from jaxlm.recipes.common import conversation_problem
 from jaxlm.recipes.porover import data_path
 from jaxlm.recipes.spur import context, render
 from jaxlm.recipes.wildfeedback_eval import stage_eval
@@ -49,25 +50,6 @@ IGNORE_SYSTEM = ("You are an assistant that gives a short, generic reply. Do not
 
 
 # ----------------------------------------------------------------------------- conversations (pure)
-def conversation_problem(rec) -> str | None:
-    """Why a conversation record cannot be used, or None: messages must be role/content objects,
-    user and assistant alternating from a user turn (one leading system turn allowed), content a
-    string (an assistant turn may be empty: its pair is skipped, and counted, later)."""
-    msgs = rec.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        return "missing messages"
-    if isinstance(msgs[0], dict) and msgs[0].get("role") == "system":
-        msgs = msgs[1:]
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
-            return "missing content"
-        if m.get("role") != ("user", "assistant")[i % 2]:
-            return "non-alternating roles"
-        if m["role"] == "user" and not m["content"].strip():
-            return "missing content"
-    return None
-
-
 def in_eval(seed, conv_id: str, fraction: float) -> bool:
     h = int(hashlib.sha256(f"{seed}:split:{conv_id}".encode()).hexdigest()[:12], 16)
     return h / 16 ** 12 < fraction
@@ -354,7 +336,6 @@ def stage_align(run) -> dict:
     last = out["last"]
     return {"steps": out["steps"], "pairs": len(pairs), "loss": last.get("loss"),
             "reward_accuracy": last.get("rewards/accuracies"), "lora_rank": out["lora_rank"]}
-
 
 
 RECIPE = Recipe("wildfeedback", [
