@@ -14,6 +14,7 @@ from jaxlm.checkpoint import model_from_checkpoint
 from jaxlm.cli.common import (
     add_config_args,
     add_distributed_args,
+    add_run_args,
     console,
     help_config_requested,
     load_run_config,
@@ -32,8 +33,7 @@ def register(sub, name, help_text):
         p = sub.add_parser(name, help=help_text,
                            epilog="train.batch_size counts pairs; align.loss picks the loss (jaxlm.align.losses.NAMES)")
         add_config_args(p)
-        p.add_argument("--init", metavar="CKPT", help="policy (and default reference) params, usually an SFT checkpoint")
-        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+        add_run_args(p, "policy (and default reference) params, usually an SFT checkpoint")
         add_distributed_args(p)
         p.set_defaults(func=cmd_align)
         return

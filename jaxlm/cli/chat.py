@@ -17,7 +17,7 @@ from rich.markup import escape
 
 from jaxlm import models
 from jaxlm.checkpoint import model_from_checkpoint
-from jaxlm.cli.common import console, non_negative_float, non_negative_int, positive_int, probability
+from jaxlm.cli.common import add_sampling_args, console
 from jaxlm.data.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
 from jaxlm.errors import UsageError
 from jaxlm.infer.generate import Generator, Sampling, bucket, left_pad, sample_logits
@@ -38,11 +38,7 @@ def register(sub, name, help_text):
     p.add_argument("--group", help="the user group whose rubric --rubric applies")
     p.add_argument("--intent", help="only the rubric of this intent (default: every intent of the group)")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    p.add_argument("--max-new-tokens", type=positive_int, default=512)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=non_negative_int, default=0)
-    p.add_argument("--top-p", type=probability, default=1.0)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_sampling_args(p, max_new_tokens=512)
     p.set_defaults(func=cmd_chat)
 
 

@@ -15,45 +15,38 @@ __all__ = ["console", "out"]
 
 
 # ----------------------------------------------------------------------------- argument types
-def positive_int(text: str) -> int:
-    try:
-        x = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if x < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {x}")
-    return x
+def _number(parse, ok, bound: str, what: str):
+    """An argparse type: `parse` the text (else "'x' is not {what}"), then check `ok` (else "must be {bound}")."""
+    def convert(text: str):
+        try:
+            x = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return x
+    return convert
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        x = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if x < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {x}")
-    return x
+positive_int = _number(int, lambda x: x >= 1, ">= 1", "an integer")
+non_negative_int = _number(int, lambda x: x >= 0, ">= 0", "an integer")
+non_negative_float = _number(float, lambda x: x >= 0, ">= 0", "a number")  # nan fails x >= 0
+probability = _number(float, lambda x: 0 < x <= 1, "in (0, 1]", "a number")  # a number in (0, 1]
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return x
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int):
+    """--max-new-tokens, --temperature, --top-k, --top-p, --seed: the sampling flags of generate and chat."""
+    p.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens)
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=0)
+    p.add_argument("--top-p", type=probability, default=1.0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
 
 
-def probability(text: str) -> float:
-    """A number in (0, 1]."""
-    try:
-        x = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return x
+def add_run_args(p: argparse.ArgumentParser, init_help: str):
+    """--resume and --init: where a training run starts (train and align)."""
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
+    p.add_argument("--init", metavar="CKPT", help=init_help)
 
 
 # ----------------------------------------------------------------------------- config flags

@@ -14,13 +14,10 @@ from jaxlm import config as run_config
 from jaxlm.checkpoint import model_from_checkpoint
 from jaxlm.cli.common import (
     add_config_args,
+    add_sampling_args,
     console,
     help_config_requested,
     load_run_config,
-    non_negative_float,
-    non_negative_int,
-    positive_int,
-    probability,
 )
 from jaxlm.data.tokenizer import apply_chat_template, load_tokenizer
 from jaxlm.errors import UsageError
@@ -37,11 +34,7 @@ def register(sub, name, help_text):
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--system", help="system message for --chat")
     p.add_argument("--tokenizer", help="override the checkpoint's tokenizer")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64)
-    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=non_negative_int, default=0)
-    p.add_argument("--top-p", type=probability, default=1.0)
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    add_sampling_args(p, max_new_tokens=64)
     p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-turn / end-of-text tokens")
     p.add_argument("--kv-report", action="store_true", help="print the KV cache's bytes per layer (S2: compressed)")
     p.add_argument("--adapter", metavar="NAME", help="a model with LoRA adapters: the one to use ('none': the base "

@@ -8,6 +8,7 @@ from rich.markup import escape
 from jaxlm.cli.common import (
     add_config_args,
     add_distributed_args,
+    add_run_args,
     console,
     help_config_requested,
     load_run_config,
@@ -21,8 +22,7 @@ def register(sub, name, help_text):
     p = sub.add_parser(name, help=help_text,
                        epilog="Overrides follow the config: --config.train.steps=100 --config.model.num_layers=2")
     add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the run directory")
-    p.add_argument("--init", metavar="CKPT", help="start from the params of this checkpoint (for example SFT)")
+    add_run_args(p, "start from the params of this checkpoint (for example SFT)")
     add_distributed_args(p)
     p.set_defaults(func=cmd_train)
 
