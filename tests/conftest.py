@@ -67,3 +67,16 @@ def read_losses(path):
         if "lr" in r:
             out[r["step"]] = r["loss"]
     return out
+
+
+def run_until_step(proc, metrics, step, deadline=240):
+    """Wait until a training subprocess has logged `step` in `metrics` (it must still be running)."""
+    import time
+
+    end = time.time() + deadline
+    while time.time() < end and proc.poll() is None:
+        if metrics.exists() and max(read_losses(metrics), default=0) >= step:
+            return
+        time.sleep(0.05)
+    tail = proc.stderr.read()[-2000:] if proc.stderr else ""
+    raise AssertionError(f"the run did not reach step {step}: {tail}")

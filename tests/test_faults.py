@@ -7,14 +7,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import read_losses, tiny_config, write_config
+from conftest import read_losses, run_until_step, tiny_config, write_config
 
 from jaxlm import checkpoint
 from jaxlm import config as run_config
@@ -159,16 +158,6 @@ def test_a_corrupt_checkpoint_is_one_error_line_for_eval(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- 5. preemption
-def _run_until(proc, metrics, step, deadline=240):
-    end = time.time() + deadline
-    while time.time() < end and proc.poll() is None:
-        if metrics.exists() and max(read_losses(metrics), default=0) >= step:
-            return
-        time.sleep(0.05)
-    tail = proc.stderr.read()[-2000:] if proc.stderr else ""
-    raise AssertionError(f"the run did not reach step {step}: {tail}")
-
-
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_saves_stops_and_resumes_exactly(tmp_path, sig, code):
     cfg = tiny_config(tmp_path / "ref", steps=10)
@@ -181,7 +170,7 @@ def test_signal_saves_stops_and_resumes_exactly(tmp_path, sig, code):
     metrics = tmp_path / "stopped" / "metrics.jsonl"
     proc = subprocess.Popen(jaxlm_cmd("train", "--config", conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
-    _run_until(proc, metrics, 3)
+    run_until_step(proc, metrics, 3)
     proc.send_signal(sig)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == code, err[-2000:]
@@ -222,7 +211,7 @@ def test_sigterm_stops_both_processes_of_a_local_launch(tmp_path):
 
     proc = launch(logs=tmp_path / "logs1")
     metrics = tmp_path / "multi" / "metrics.p1.jsonl"
-    _run_until(proc, metrics, 3, deadline=300)
+    run_until_step(proc, metrics, 3, deadline=300)
     pids = subprocess.run(["pgrep", "-f", "--", f"--config {conf} --coordinator"], capture_output=True, text=True).stdout.split()
     victim = next(p for p in pids if "--process-id 1" in Path(f"/proc/{p}/cmdline").read_text().replace("\0", " "))
     os.kill(int(victim), signal.SIGTERM)

@@ -6,9 +6,8 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
-from conftest import read_losses, tiny_config, write_config
+from conftest import read_losses, run_until_step, tiny_config, write_config
 
 from jaxlm.train.loop import train
 
@@ -26,13 +25,9 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     cfg.log.dir = str(tmp_path / "killed")
     conf = write_config(cfg, tmp_path / "cfg.py")
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    proc = subprocess.Popen(jaxlm("train", "--config", conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and max(read_losses(metrics), default=0) >= 7:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc = subprocess.Popen(jaxlm("train", "--config", conf), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    run_until_step(proc, metrics, 7)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     before = read_losses(metrics)
