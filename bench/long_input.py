@@ -10,8 +10,9 @@ its context and answers questions about needles hidden in it.
    (b) a needle sentence ("The secret ingredient in the royal cake is saffron."). The haystack fills
    the user turn of the model's ChatML template and a question follows it: "What is the pass key?"
    resp. "What is the secret ingredient mentioned in the text?"; right when the greedy answer
-   (up to --new tokens) contains the number resp. the word. Both questions share one haystack, so one
-   datastore build serves both.
+   (up to --new tokens) contains the number resp. the word. The assistant turn starts with an answer
+   prefix ("The pass key is", as RULER does; --no-prime asks without it). Both questions share one
+   haystack, so one datastore build serves both.
    Methods: truncation (the template, the last tokens of the text that fit the context, the
    question), retrieval attention in the upper half of the layers (15-29, the default) and in all 30,
    and full attention where the input fits the context (there it is the same input as truncation).
@@ -48,6 +49,9 @@ QUESTIONS = {
     "pass key": "What is the pass key? Answer with the number only.",
     "needle": "What is the secret ingredient mentioned in the text? Answer in a few words.",
 }
+# RULER-style answer prefixes: the assistant turn starts with them (--prime), so the greedy reply is the
+# answer itself rather than a preamble; a small model's failure is then a retrieval failure
+PRIMES = {"pass key": "The pass key is", "needle": "The secret ingredient in the royal cake is"}
 
 
 def load_text(path: Path) -> str:
@@ -161,6 +165,16 @@ class Bench:
             out[method] = (replies, ms[-1])
         return out, build, info["windows"], nbytes
 
+    def question(self, text, q):
+        """(ids, span) of the haystack and question q in the chat template; with --prime the assistant
+        turn starts with the answer prefix."""
+        from jaxlm.infer.retrieval import chat_input
+
+        ids, span = chat_input(self.tok, text, QUESTIONS[q])
+        if self.args.prime:
+            ids = ids + self.tok.encode(PRIMES[q], special=False)
+        return ids, span
+
     # -- stages ------------------------------------------------------------------------------
     def check(self, log):
         """On an input that fits the context, retrieval with k covering the text equals full attention:
@@ -187,8 +201,6 @@ class Bench:
         return row
 
     def tasks(self, log):
-        from jaxlm.infer.retrieval import chat_input
-
         args, tok = self.args, self.tok
         corpus = tok.encode(load_text(Path(args.haystack)), special=False)
         print(f"haystack corpus: {len(corpus)} tokens", flush=True)
@@ -197,7 +209,7 @@ class Bench:
             for n in args.lengths:
                 for seed in range(args.haystacks):
                     text, answers = haystack(tok, corpus, n, depth, seed)
-                    built = {q: chat_input(tok, text, QUESTIONS[q]) for q in QUESTIONS}
+                    built = {q: self.question(text, q) for q in QUESTIONS}
                     (ids0, span) = built["pass key"]
                     prefix, text_ids = ids0[:span[0]], ids0[span[0]:span[1]]
                     suffixes = [ids[span[1]:] for ids, _ in built.values()]
@@ -315,6 +327,8 @@ def main(argv=None):
     p.add_argument("--prefill-chunk", type=int, default=4096, help="plain prefill in chunks of this many tokens")
     p.add_argument("--top-k", type=int, default=16)
     p.add_argument("--new", type=int, default=20, help="tokens generated per answer")
+    p.add_argument("--no-prime", dest="prime", action="store_false",
+                   help="ask without the answer prefix in the assistant turn (default: RULER-style prefix)")
     p.add_argument("--skip", default="", help="comma-separated stages to skip: check, tasks, decode")
     p.add_argument("--out", default="runs/long_input")
     args = p.parse_args(argv)

@@ -8,7 +8,14 @@ import jax
 import pytest
 
 from jaxlm.eval import safety
-from jaxlm.eval.judges import judge_pairwise, judge_refusals, parse_verdict, parse_xstest_label
+from jaxlm.eval.judges import (
+    ClientJudge,
+    judge_pairwise,
+    judge_refusals,
+    letter_margin,
+    parse_verdict,
+    parse_xstest_label,
+)
 from jaxlm.eval.safety import COMPLIANCE, PARTIAL, REFUSAL, UNPARSED, strmatch_label
 
 REFUSALS = [
@@ -141,6 +148,90 @@ def test_judge_pairwise_swaps_order_and_reports_an_interval():
     assert res["records"][-1]["outcome"] == UNPARSED
 
 
+def test_letter_margin_pools_spellings_and_bounds_an_absent_letter():
+    import math
+
+    alts = [{"token": " A", "logprob": math.log(0.3)}, {"token": "[[A", "logprob": math.log(0.1)},
+            {"token": "B", "logprob": math.log(0.2)}, {"token": "The", "logprob": math.log(0.25)},
+            {"token": "Both", "logprob": math.log(0.05)}]
+    assert letter_margin(alts) == pytest.approx(math.log(0.4 / 0.2))
+    # B absent: its log-probability is at most the list's lowest (0.05), so the margin is a lower bound
+    only_a = [x for x in alts if x["token"] != "B"]
+    assert letter_margin(only_a) == pytest.approx(math.log(0.4 / 0.05))
+    assert letter_margin([{"token": "The", "logprob": -0.1}]) is None and letter_margin(None) is None
+
+
+class FakeLetterJudge:
+    """Log-probabilities of the letter answer: a position bias of +2 nats for A, +1 for a response that
+    contains 'good'; no alternatives at all for prompts containing 'broken'."""
+
+    def __init__(self):
+        self.calls = []
+
+    def choice_alternatives(self, conversations):
+        out = []
+        for messages in conversations:
+            user = messages[-1]["content"]
+            self.calls.append(messages)
+            if "broken" in user:
+                out.append(None)
+                continue
+            a = user.split("[Response A]\n")[1].split("\n\n[Response B]")[0]
+            b = user.split("[Response B]\n")[1].split("\n\n[")[0]
+            margin = 2.0 + ("good" in a) - ("good" in b)
+            out.append([{"token": "A", "logprob": -1.0}, {"token": "B", "logprob": -1.0 - margin},
+                        {"token": "Response", "logprob": -9.0}])
+        return out
+
+
+def test_judge_pairwise_from_letter_logprobs_cancels_position_bias():
+    items = [{"prompt": f"q{i}", "a": "good answer", "b": "meh"} for i in range(3)]
+    items += [{"prompt": "q3", "a": "meh", "b": "good"}, {"prompt": "q4", "a": "same", "b": "same"},
+              {"prompt": "broken q", "a": "x", "b": "y", "rubric": "- be brief"}]
+    judge = FakeLetterJudge()
+    res = judge_pairwise(judge, items, verdict="logprobs")
+    m = res["metrics"]
+    # the judge says A in every order (margins 3/1 or 1/3 or 2/2), so written verdicts would all be ties;
+    # margin(a first) - margin(b first) = +2, -2 or 0 tells them apart
+    assert (m["wins"], m["losses"], m["ties"], m["unparsed_pairs"]) == (3, 1, 1, 1)
+    assert m["first_position_preference"] == 1.0 and m["order_consistency"] == 0.0
+    assert m["verdict"] == "logprobs" and m["win_rate"] == pytest.approx(3.5 / 5)
+    rec = res["records"][0]
+    assert rec["margin_ab"] == pytest.approx(3.0) and rec["margin_ba"] == pytest.approx(1.0)
+    assert "Answer with one letter only" in judge.calls[0][0]["content"] and "[[A]]" not in judge.calls[0][0]["content"]
+    assert judge.calls[-1][-1]["content"].endswith("[Rubric]\n- be brief")
+    # a tie band: |score| <= 2 is a tie
+    m = judge_pairwise(judge, items, verdict="logprobs", tie_margin=2.0)["metrics"]
+    assert (m["wins"], m["losses"], m["ties"]) == (0, 0, 5)
+    with pytest.raises(ValueError, match="needs a judge that returns log-probabilities"):
+        judge_pairwise(FakeJudge(), items, verdict="logprobs")
+    with pytest.raises(ValueError, match="verdict must be one of"):
+        judge_pairwise(FakeJudge(), items, verdict="scores")
+
+
+def test_client_judge_asks_for_one_token_with_top_logprobs():
+    import httpx
+
+    bodies = []
+
+    def handler(request):
+        body = json.loads(request.content)
+        bodies.append(body)
+        good_first = "good" in body["messages"][-1]["content"].split("[Response B]")[0]
+        lp = [{"token": "A", "logprob": -0.5 if good_first else -1.5}, {"token": "B", "logprob": -1.0}]
+        return httpx.Response(200, json={"id": "x", "object": "chat.completion", "model": "m", "usage": {},
+                                         "choices": [{"index": 0, "finish_reason": "length",
+                                                      "message": {"role": "assistant", "content": "A"},
+                                                      "logprobs": {"content": [{"token": "A", "logprob": -0.5,
+                                                                                "top_logprobs": lp}]}}]})
+
+    judge = ClientJudge("http://judge/v1", "m", transport=httpx.MockTransport(handler), retries=0)
+    res = judge_pairwise(judge, [{"prompt": "q", "a": "good", "b": "bad"}], verdict="logprobs")
+    assert res["metrics"]["wins"] == 1  # margins +0.5 (good first) and -0.5 (good second): score +1
+    assert all(b["max_tokens"] == 1 and b["logprobs"] is True and b["top_logprobs"] == 20 and b["temperature"] == 0
+               for b in bodies) and len(bodies) == 2
+
+
 # ----------------------------------------------------------------------------- generative end to end
 @pytest.fixture(scope="module")
 def chat_checkpoint(tmp_path_factory):
@@ -198,6 +289,9 @@ def test_pairwise_cli_on_response_files(tmp_path, chat_checkpoint, capsys):
     b.write_text(json.dumps({"prompt": "q0", "response": "b0"}) + "\n")
     assert main(["eval", "--pairwise", str(a), str(b), "--judge", str(chat_checkpoint)]) == 2
     assert f"{a}:2" in capsys.readouterr().err
+    assert main(["eval", "--pairwise", str(a), str(b), "--judge", str(chat_checkpoint), "--judge-verdict",
+                 "logprobs"]) == 2
+    assert "--judge-verdict logprobs reads log-probabilities from an OpenAI-protocol server" in capsys.readouterr().err
 
 
 def test_bad_safety_rows_name_file_and_line(tmp_path):

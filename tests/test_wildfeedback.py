@@ -256,6 +256,14 @@ def stub_server():
         elif "[Response A]" in text:
             a = text.split("[Response A]")[1].split("[Response B]")[0]
             answer = "A is right. [[A]]" if ("CORRECTED" in a or "ORDERBIAS" in text) else "B is right. [[B]]"
+            if body.get("logprobs"):  # verdict=logprobs: the letter's top alternatives (a 1.6-nat margin)
+                letter = answer[0]
+                top = [{"token": letter, "logprob": -0.2}, {"token": "AB".replace(letter, ""), "logprob": -1.8},
+                       {"token": "The", "logprob": -3.0}]
+                return {"id": "x", "object": "chat.completion", "model": body["model"], "usage": {},
+                        "choices": [{"index": 0, "finish_reason": "length",
+                                     "message": {"role": "assistant", "content": letter},
+                                     "logprobs": {"content": [{"token": letter, "logprob": -0.2, "top_logprobs": top}]}}]}
         elif "checklist" in system:
             answer = "CORRECTED: here is the right answer, step by step."
         else:
@@ -346,6 +354,13 @@ def test_data_stages_on_a_stub_judge_and_teacher_resume_identically(tmp_path, st
     assert s["pairs"]["pairs"] == 4
     s = RECIPE.run(recipe_config(tmp_path, url, **{"pairs.filter": "none"}), tmp_path / "b", until="pairs")
     assert s["pairs"]["pairs"] == 5 and len(calls) == n
+    # the same judge read through its letter log-probabilities: the same verdicts, the same pairs
+    s = RECIPE.run(recipe_config(tmp_path, url, **{"judge.verdict": "logprobs"}), tmp_path / "c", until="pairs")
+    assert s["pairs"]["yield"]["dsat"] == {"candidates": 5, "regenerated": 5, "judged_both_orders": 5,
+                                           "preferred_as_A": 5, "preferred_as_B": 4, "preferred_both_orders": 4,
+                                           "kept": 4}
+    ids = [json.loads(x)["id"] for x in (tmp_path / "c" / "pairs.jsonl").read_text().splitlines()]
+    assert ids == [json.loads(x)["id"] for x in (tmp_path / "a" / "pairs.jsonl").read_text().splitlines()]
 
 
 # ----------------------------------------------------------------------------- align + eval, tiny model

@@ -41,7 +41,9 @@ def get_config():
                       min_count=2),  # items mentioned fewer times (both sides) are not ranked
         rubrics=dict(top_k=5, z_min=1.0, min_conversations=3, write_with_judge=True, max_tokens=256),
         # endpoints: a local `jaxlm serve` of `checkpoint` unless base_url is set
-        judge=endpoint("smollm2-135m-instruct"),
+        judge=endpoint("smollm2-135m-instruct",
+                       verdict="text",  # pairwise verdicts: text ([[A]]/[[B]]/[[C]]) | logprobs (log P(A) - log P(B))
+                       tie_margin=0.0),  # logprobs: |score| at most this is a tie
         teacher=endpoint("smollm2-135m-instruct"),
         pairs=dict(per_rubric=16, temperature=0.7, max_tokens=192, judge_max_tokens=256,
                    filter="both_orders",  # both_orders | one_order | none (unvalidated: a judge too weak to judge)
@@ -64,7 +66,7 @@ def get_config():
             extract=dict(mode="both", max_tokens=64),
             normalise=dict(canonicalise=False),
             rubrics=dict(top_k=4, z_min=0.5, min_conversations=2, max_tokens=128),
-            judge=dict(concurrency=8, timeout=3000.0), teacher=dict(concurrency=8, timeout=3000.0),
+            judge=dict(concurrency=8, timeout=3000.0, verdict="logprobs"), teacher=dict(concurrency=8, timeout=3000.0),
             pairs=dict(per_rubric=1, max_tokens=64, judge_max_tokens=48),
             align=dict(steps=4, batch_size=2, seq_len=256, max_prompt_length=128),
             eval=dict(per_group=3, max_new_tokens=40, batch_size=8, judge_max_tokens=48))},

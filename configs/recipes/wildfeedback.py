@@ -35,6 +35,8 @@ def get_config():
         ),
         # endpoints: a local `jaxlm serve` of `checkpoint` unless base_url is set
         judge=_endpoint("smollm2-135m-instruct", max_tokens=64, pairwise_max_tokens=256,
+                       verdict="text",  # pairwise verdicts: text ([[A]]/[[B]]/[[C]]) | logprobs (log P(A) - log P(B), both orders)
+                       tie_margin=0.0,  # logprobs: |score| at most this is a tie
                        max_unparsed=0.5),  # max_unparsed: unparsable SPUR verdicts before the run stops
         teacher=_endpoint("smollm2-135m-instruct"),
         signals=dict(use="judge",  # judge | rules | both: the signals the later stages use
@@ -61,7 +63,8 @@ def get_config():
             dir="runs/wildfeedback-mini",
             data=dict(train_conversations=12, eval_conversations=12, max_messages=4),
             # 24 conversations of two user turns: 24 feedback turns
-            judge=dict(max_tokens=32, pairwise_max_tokens=64, max_unparsed=1.0),
+            # a 135M judge writes no [[A]]/[[B]] verdicts; its letter log-probabilities, both orders, still rank
+            judge=dict(max_tokens=32, pairwise_max_tokens=64, max_unparsed=1.0, verdict="logprobs"),
             signals=dict(judge_max_chars=300, gold_turns=12),
             preferences=dict(max_tokens=48),
             # a 135M judge rarely writes a parsable [[A]]/[[B]] verdict: keep every regenerated pair

@@ -101,6 +101,9 @@ def register(sub, name, help_text):
                    help="LLM judge: a jaxlm checkpoint (run locally) or an OpenAI-protocol URL")
     g.add_argument("--judge-model", default="", help="model name at the judge URL")
     g.add_argument("--judge-max-tokens", type=positive_int, default=512, help="longest judge reply")
+    g.add_argument("--judge-verdict", choices=("text", "logprobs"), default="text",
+                   help="--pairwise verdicts: text (the judge writes [[A]]/[[B]]/[[C]]) or logprobs (log P(A) - "
+                        "log P(B) of a one-letter answer, both orders: for weak judges; needs a --judge URL)")
     g.add_argument("--pairwise", nargs=2, metavar=("A", "B"),
                    help="judge two models' replies: response files (.jsonl: prompt, response[, checklist, rubric]) "
                         "or checkpoints (replies to --data prompts)")
@@ -322,6 +325,9 @@ def _replies_of(args, source, prompts_rows):
 def cmd_pairwise(args):
     if not args.judge:
         raise UsageError("--pairwise needs --judge CKPT|URL")
+    if args.judge_verdict == "logprobs" and not args.judge.startswith(("http://", "https://")):
+        raise UsageError("--judge-verdict logprobs reads log-probabilities from an OpenAI-protocol server: "
+                         "give --judge URL (e.g. `jaxlm serve JUDGE_CKPT`)")
     prompts = None
     if args.data:
         prompts = read_all_or_fail(args.data, lambda r: None if isinstance(r.get("prompt"), str) else "missing field 'prompt'")
@@ -339,7 +345,7 @@ def cmd_pairwise(args):
                       "rubric": r.get("rubric") or other.get("rubric")})
     judge = make_judge(args)
     with progress_bar("judging") as cb:
-        res = judge_pairwise(judge, items, progress=cb)
+        res = judge_pairwise(judge, items, verdict=args.judge_verdict, progress=cb)
     m = res["metrics"]
     table = Table("n", "win", "tie", "loss", "win rate", "95% CI", "unparsed pairs", "unparsed judgments",
                   "first-position pref.", title=f"A = {escape(args.pairwise[0])} vs B = {escape(args.pairwise[1])}")

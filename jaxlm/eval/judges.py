@@ -14,6 +14,7 @@ half) comes with a seeded bootstrap 95% interval.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 
@@ -45,6 +46,19 @@ class ClientJudge:
             progress(0, len(convs))
         for start in range(0, len(convs), step):
             out += [r.text or "" for r in self.client.chat_many(convs[start:start + step], **self.params)]
+            if progress:
+                progress(len(out), len(convs))
+        return out
+
+    def choice_alternatives(self, conversations, progress=None):
+        """The first reply token's top alternatives per conversation (what verdict='logprobs' reads)."""
+        convs = [list(c) for c in conversations]
+        params = {"temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        out: list = []
+        step = max(1, self.client.concurrency * 4)
+        for start in range(0, len(convs), step):
+            out += [first_token_alternatives(r.response) for r in self.client.chat_many(convs[start:start + step],
+                                                                                         **params)]
             if progress:
                 progress(len(out), len(convs))
         return out
@@ -111,12 +125,19 @@ def judge_refusals(complete, prompts: Sequence[str], completions: Sequence[str],
 PAIRWISE_SYSTEM = (
     "You are an impartial judge. Compare two AI assistant responses to the user's request below and decide which "
     "one is better: more helpful, correct and faithful to the request{guide}. The order in which the responses are "
-    "shown and their length must not influence you. Explain briefly, then end your reply with exactly one verdict: "
-    "[[A]] if Response A is better, [[B]] if Response B is better, or [[C]] for a tie.")
+    "shown and their length must not influence you. {ending}")
+_TEXT_ENDING = ("Explain briefly, then end your reply with exactly one verdict: [[A]] if Response A is better, "
+                "[[B]] if Response B is better, or [[C]] for a tie.")
+_LETTER_ENDING = "Answer with one letter only: A if Response A is better, B if Response B is better."
 _VERDICT_RE = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
+VERDICTS = ("text", "logprobs")
+TOP_LOGPROBS = 20  # OpenAI's cap: the alternatives asked for the verdict token
 
 
-def pairwise_messages(prompt: str, a: str, b: str, checklist=None, rubric: str | None = None) -> list[dict]:
+def pairwise_messages(prompt: str, a: str, b: str, checklist=None, rubric: str | None = None,
+                      verdict: str = "text") -> list[dict]:
+    """The judge's conversation: a written verdict ([[A]] / [[B]] / [[C]], verdict='text') or a bare
+    letter whose log-probabilities are read (verdict='logprobs')."""
     guide = ""
     extra = ""
     if checklist:
@@ -127,7 +148,9 @@ def pairwise_messages(prompt: str, a: str, b: str, checklist=None, rubric: str |
         guide += (" and" if guide else ", judged") + " by the rubric"
         extra += "\n\n[Rubric]\n" + str(rubric)
     user = f"[User request]\n{prompt}\n\n[Response A]\n{a}\n\n[Response B]\n{b}{extra}"
-    return [{"role": "system", "content": PAIRWISE_SYSTEM.format(guide=guide)}, {"role": "user", "content": user}]
+    ending = _LETTER_ENDING if verdict == "logprobs" else _TEXT_ENDING
+    return [{"role": "system", "content": PAIRWISE_SYSTEM.format(guide=guide, ending=ending)},
+            {"role": "user", "content": user}]
 
 
 def parse_verdict(reply: str) -> str | None:
@@ -139,25 +162,83 @@ def parse_verdict(reply: str) -> str | None:
     return "tie" if v in ("C", "TIE") else v
 
 
-def judge_pairwise(complete, items: Sequence[dict], *, progress=None, ci_iters: int = 2000, seed: int = 0) -> dict:
+def first_token_alternatives(response: dict) -> list[dict] | None:
+    """The top_logprobs ([{token, logprob}]) of the first generated token of an OpenAI-protocol chat
+    completion asked with logprobs=true; None when the response has none."""
+    try:
+        content = response["choices"][0]["logprobs"]["content"]
+        return list(content[0]["top_logprobs"]) if content else None
+    except (KeyError, IndexError, TypeError):
+        return None
+
+
+def letter_margin(alternatives: list[dict] | None, letters=("A", "B")) -> float | None:
+    """log P(A) - log P(B) of a verdict token from its top alternatives. Tokens that read as the letter
+    once spaces, brackets and quotes are stripped (" A", "[[A", "A") are pooled (log-sum-exp); a letter
+    absent from the list gets the list's lowest log-probability, an upper bound on its own. None when
+    neither letter is among the alternatives."""
+    if not alternatives:
+        return None
+    pooled: dict[str, list[float]] = {x: [] for x in letters}
+    for alt in alternatives:
+        key = str(alt.get("token", "")).strip().strip("[]()*\"'.:").upper()
+        if key in pooled:
+            pooled[key].append(float(alt["logprob"]))
+    if not any(pooled.values()):
+        return None
+    floor = min(float(alt["logprob"]) for alt in alternatives)
+    lp = [math.log(sum(math.exp(v) for v in pooled[x])) if pooled[x] else floor for x in letters]
+    return lp[0] - lp[1]
+
+
+def _sign(x: float, band: float) -> int:
+    return 1 if x > band else -1 if x < -band else 0
+
+
+def judge_pairwise(complete, items: Sequence[dict], *, verdict: str = "text", tie_margin: float = 0.0,
+                   progress=None, ci_iters: int = 2000, seed: int = 0) -> dict:
     """Compare responses `a` (the first model) and `b` (the second) to each item's `prompt`, with an
     optional `checklist` (list or text) or `rubric`. Returns counts, rates, the win rate's 95% CI, the
-    judge's first-position preference and per-item records."""
+    judge's first-position preference and per-item records.
+
+    verdict='text': the judge writes [[A]] / [[B]] / [[C]]; the two orders' votes (+1 / 0 / -1 from the
+    first model's side) are summed. verdict='logprobs': the judge answers one letter and its
+    log P(A) - log P(B) is read from the first token's top_logprobs (the judge needs
+    `choice_alternatives(conversations)`, as ClientJudge and the recipes' judges have): the first model's
+    score is margin(a first) - margin(b first), so a constant preference for one position cancels
+    (the usual debiasing of a weak judge); |score| <= tie_margin is a tie. A judge that gives neither
+    letter, or no verdict, is counted unparsed."""
+    if verdict not in VERDICTS:
+        raise ValueError(f"verdict must be one of {VERDICTS}, got {verdict!r}")
     convs = []
     for it in items:
-        convs.append(pairwise_messages(it["prompt"], it["a"], it["b"], it.get("checklist"), it.get("rubric")))
-        convs.append(pairwise_messages(it["prompt"], it["b"], it["a"], it.get("checklist"), it.get("rubric")))
-    replies = complete_all(complete, convs, progress)
+        convs.append(pairwise_messages(it["prompt"], it["a"], it["b"], it.get("checklist"), it.get("rubric"), verdict))
+        convs.append(pairwise_messages(it["prompt"], it["b"], it["a"], it.get("checklist"), it.get("rubric"), verdict))
+    if verdict == "logprobs":
+        ask = getattr(complete, "choice_alternatives", None)
+        if ask is None:
+            raise ValueError("verdict='logprobs' needs a judge that returns log-probabilities "
+                             "(an OpenAI-protocol endpoint); use verdict='text'")
+        alternatives = list(ask(convs, progress=progress) if progress else ask(convs))
+        margins = [letter_margin(a) for a in alternatives]
+        verdicts = [None if m is None else "A" if m > 0 else "B" if m < 0 else "tie" for m in margins]
+        replies = [" ".join(f"{x.get('token')!r}:{float(x['logprob']):.2f}" for x in (a or [])[:4])
+                   for a in alternatives]
+    else:
+        replies = complete_all(complete, convs, progress)
+        verdicts = [parse_verdict(r) for r in replies]
+        margins = [None] * len(replies)
     side = {"A": 1, "B": -1, "tie": 0}
     wins = ties = losses = unparsed_pairs = unparsed = first = parsed = agree = both = 0
     scores, records = [], []
     for n, it in enumerate(items):
-        v_ab, v_ba = parse_verdict(replies[2 * n]), parse_verdict(replies[2 * n + 1])
-        votes = []
+        v_ab, v_ba = verdicts[2 * n], verdicts[2 * n + 1]
+        m_ab, m_ba = margins[2 * n], margins[2 * n + 1]
+        votes = []  # from the first model's side
         if v_ab is not None:
-            votes.append(side[v_ab])
+            votes.append(m_ab if m_ab is not None else side[v_ab])
         if v_ba is not None:
-            votes.append(-side[v_ba])
+            votes.append(-m_ba if m_ba is not None else -side[v_ba])
         for v in (v_ab, v_ba):
             unparsed += v is None
             if v is not None:
@@ -170,18 +251,21 @@ def judge_pairwise(complete, items: Sequence[dict], *, progress=None, ci_iters: 
             unparsed_pairs += 1
             outcome = UNPARSED
         else:
-            s = sum(votes)
+            s = _sign(sum(votes), tie_margin)
             outcome = "win" if s > 0 else "loss" if s < 0 else "tie"
             wins += outcome == "win"
             losses += outcome == "loss"
             ties += outcome == "tie"
             scores.append({"win": 1.0, "tie": 0.5, "loss": 0.0}[outcome])
-        records.append({"prompt": it["prompt"], "outcome": outcome, "verdict_ab": v_ab, "verdict_ba": v_ba,
-                        "reply_ab": replies[2 * n], "reply_ba": replies[2 * n + 1]})
+        rec = {"prompt": it["prompt"], "outcome": outcome, "verdict_ab": v_ab, "verdict_ba": v_ba,
+               "reply_ab": replies[2 * n], "reply_ba": replies[2 * n + 1]}
+        if verdict == "logprobs":
+            rec.update(margin_ab=m_ab, margin_ba=m_ba)
+        records.append(rec)
     valid = wins + ties + losses
     rate = (wins + 0.5 * ties) / valid if valid else None
     lo, hi = bootstrap_ci(scores, iters=ci_iters, seed=seed) if valid else (None, None)
-    metrics = {"n": len(items), "wins": wins, "ties": ties, "losses": losses,
+    metrics = {"n": len(items), "verdict": verdict, "wins": wins, "ties": ties, "losses": losses,
                "win": wins / valid if valid else None, "tie": ties / valid if valid else None,
                "loss": losses / valid if valid else None, "win_rate": rate, "win_rate_ci95": [lo, hi],
                "unparsed_pairs": unparsed_pairs, "unparsed_judgments": unparsed,

@@ -312,6 +312,21 @@ class _Completer:
     def __call__(self, messages, **params) -> str:
         return self.many([messages])[0]
 
+    def choice_alternatives(self, conversations, progress=None) -> list:
+        """The first reply token's top alternatives per conversation (judge_pairwise's verdict='logprobs');
+        None for a failed request (counted in `.failures`) or a server that gives no log-probabilities."""
+        from jaxlm.eval.judges import TOP_LOGPROBS, first_token_alternatives
+
+        params = {"temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        out = []
+        for r in self.run.ask(self.role, [(c, params) for c in conversations], f"asking {self.role} (log-probs)"):
+            if isinstance(r, Exception):
+                self.failures.append(str(r))
+                out.append(None)
+            else:
+                out.append(first_token_alternatives(r.response))
+        return out
+
 
 class LocalServer:
     """`jaxlm serve CHECKPOINT` on a free 127.0.0.1 port for the length of a `with` block."""

@@ -407,7 +407,7 @@ def stage_pairs(run) -> dict:
     items = [] if p.filter == "none" else [{"prompt": c["prompt"], "a": c["chosen"], "b": c["rejected"],
               "rubric": "\n".join(f"- {x}" for x in doc["rubrics"][c["group"]][c["intent"]]["criteria"])}
              for c in cands]
-    verdicts = judge_pairwise(complete, items, seed=cfg.seed)["records"] if items else \
+    verdicts = judge_pairwise(complete, items, seed=cfg.seed, verdict=cfg.judge.verdict, tie_margin=cfg.judge.tie_margin)["records"] if items else \
         [{"verdict_ab": None, "verdict_ba": None}] * len(cands)
     rows, pairs = [], []
     for c, v in zip(cands, verdicts):

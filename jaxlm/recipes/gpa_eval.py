@@ -204,7 +204,7 @@ def stage_eval(run) -> dict:
             adapter = g if m == "ft" else cross_group(groups, list(ft), g) if m == "cross" else None
             judged = judge_pairwise(complete, [{"prompt": items[k]["prompt"], "a": replies[m][k],
                                                 "b": replies["base"][k], "rubric": items[k]["rubric"]} for k in idx],
-                                    seed=cfg.seed)
+                                    seed=cfg.seed, verdict=cfg.judge.verdict, tie_margin=cfg.judge.tie_margin)
             results[g][m] = {**judged["metrics"], "adapter": adapter}
             for k, rec in zip(idx, judged["records"]):
                 rows.append({"id": items[k]["id"], "group": g, "intent": items[k]["intent"], "model": m,

@@ -296,7 +296,7 @@ def stage_pairs(run) -> dict:
     judge = run.completer("judge", temperature=0, max_tokens=cfg.judge.pairwise_max_tokens)
     items = [{"prompt": render(c["prompt"]), "a": c["new"], "b": c["original"],
               "checklist": c["checklist"] if c["kind"] == "dsat" else None} for c in made]
-    verdicts = judge_pairwise(judge, items)["records"] if items else []
+    verdicts = judge_pairwise(judge, items, verdict=cfg.judge.verdict, tie_margin=cfg.judge.tie_margin)["records"] if items else []
     rows, pairs = [], []
     for c, v in zip(made, verdicts):
         keep = keep_pair(v["verdict_ab"], v["verdict_ba"], pc.filter)

@@ -73,7 +73,7 @@ def stage_eval(run) -> dict:
         pairs = [{"prompt": render(it["prompt"]), "a": a, "b": b,
                   "checklist": it["checklist"] if mode == "checklist" else None}
                  for it, a, b in zip(items, replies["aligned"], replies["base"])]
-        results[mode] = judge_pairwise(judge, pairs, seed=cfg.seed) if pairs else None
+        results[mode] = judge_pairwise(judge, pairs, seed=cfg.seed, verdict=cfg.judge.verdict, tie_margin=cfg.judge.tie_margin) if pairs else None
     words = {n: [len(r.split()) for r in replies[n]] for n in MODELS}
     lengths = {n: {"mean_words": float(np.mean(w)) if w else None, "median_words": float(np.median(w)) if w else None}
                for n, w in words.items()}
