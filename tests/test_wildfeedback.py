@@ -394,7 +394,11 @@ def test_align_and_eval_end_to_end_on_a_tiny_model(tmp_path, stub_server, tiny_s
     for mode in ("checklist", "plain"):
         m = ev["metrics"][mode]
         assert m["wins"] + m["ties"] + m["losses"] + m["unparsed_pairs"] == ev["items"]
+    rows = [json.loads(x) for x in (d / "eval_replies.jsonl").read_text().splitlines()]
+    same = sum(r["base"].strip() == r["aligned"].strip() for r in rows)
+    assert ev["identical_replies"] == same
     report = (d / "report.md").read_text()
+    assert f"Aligned and base replies identical: {same} of 2." in report
     assert "with checklist" in report and "judge vs rules" in report and "rules vs gold" in report
     assert (d / "report.png").stat().st_size > 1000
     state = (d / "state.json").read_text()

@@ -58,14 +58,14 @@ def get_config():
         eval=dict(max_items=0, max_new_tokens=128, batch_size=16),  # max_items: eval DSAT turns (0 = all)
     )
     presets = {
-        # SmolLM2-135M-Instruct as student, teacher and judge on a 2-core CPU
+        # SmolLM2-135M-Instruct as student, teacher and judge on a 2-core CPU (~30 min idle)
         "mini": {"recipe": dict(
             dir="runs/wildfeedback-mini",
-            data=dict(train_conversations=12, eval_conversations=12, max_messages=4),
-            # 24 conversations of two user turns: 24 feedback turns
+            data=dict(train_conversations=96, eval_conversations=48, max_messages=4),
+            # 144 conversations of two user turns: 144 feedback turns, about 40 of them DSAT by the rules
             # a 135M judge writes no [[A]]/[[B]] verdicts; its letter log-probabilities, both orders, still rank
             judge=dict(max_tokens=32, pairwise_max_tokens=64, max_unparsed=1.0, verdict="logprobs"),
-            signals=dict(judge_max_chars=300, gold_turns=12),
+            signals=dict(judge_max_chars=300),
             preferences=dict(max_tokens=48),
             # a 135M judge rarely writes a parsable [[A]]/[[B]] verdict: keep every regenerated pair
             # (the report still counts the verdicts at each filter)

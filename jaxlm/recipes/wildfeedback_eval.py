@@ -83,7 +83,8 @@ def stage_eval(run) -> dict:
                      "aligned": replies["aligned"][k],
                      **{f"{mode}_outcome": results[mode]["records"][k]["outcome"] for mode in results if results[mode]}})
     run.write_jsonl("eval_replies.jsonl", rows)
-    doc = {"items": len(items), "checkpoints": ckpts, "lengths": lengths,
+    identical = sum(a.strip() == b.strip() for a, b in zip(replies["aligned"], replies["base"]))
+    doc = {"items": len(items), "checkpoints": ckpts, "lengths": lengths, "identical_replies": identical,
            "metrics": {m: (r["metrics"] if r else None) for m, r in results.items()},
            "judge_request_failures": len(judge.failures)}
     run.write_json("eval.json", doc)
@@ -165,7 +166,8 @@ def write_report(run, doc: dict):
     lines += ["## Aligned against base on held-out conversations", "",
               f"{doc['items']} DSAT turns of eval conversations; greedy replies of at most {cfg.eval.max_new_tokens} "
               "tokens; each pair judged twice (both orders; a judge that always picks one position yields ties). "
-              "Win rate counts ties half (bootstrap 95% interval).", ""]
+              "Win rate counts ties half (bootstrap 95% interval). "
+              f"Aligned and base replies identical: {doc.get('identical_replies', '-')} of {doc['items']}.", ""]
     orows = [_outcome_row(name, m[k]) for k, name in (("checklist", "with checklist"), ("plain", "without checklist"))
              if m.get(k)]
     lines += [markdown_table(["judge", "judged", "win", "tie", "loss", "win rate", "unparsed", "order-consistent",
