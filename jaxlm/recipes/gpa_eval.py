@@ -265,7 +265,7 @@ def write_report(run, doc: dict):
     lines += [markdown_table(["group", "item", "z", "group count / mentions", "rest count / mentions"], trows), "",
               "Jensen–Shannon divergence (base 2) between the groups' item distributions: "
               + ", ".join(f"{i}: " + ", ".join(f"{k} {v:.3f}" for k, v in js[i].items() if v is not None)
-                          for i in js if js[i]), "", "## Rubrics", ""]
+                          for i in js if any(v is not None for v in js[i].values())), "", "## Rubrics", ""]
     for g in groups:
         for i, rub in sorted(rubrics["rubrics"].get(g, {}).items()):
             lines.append(f"**{g} / {i}** ({rub['conversations']} conversations)")
