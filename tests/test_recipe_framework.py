@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm.errors import ConfigError, DataError
 from jaxlm.recipes.base import BadRows, Recipe, Stage
-from jaxlm.recipes.report import markdown_table, rate, wilson
+from jaxlm.recipes.report import bar_chart, markdown_table, rate, wilson
 
 CALLS = []
 
@@ -109,8 +109,19 @@ def test_wilson_interval_against_the_formula():
     lo, hi = wilson(40, 97)
     assert lo == pytest.approx(0.31957, abs=1e-5) and hi == pytest.approx(0.51185, abs=1e-5)  # by hand
     assert wilson(0, 10)[0] == 0.0 and wilson(10, 10)[1] == 1.0 and wilson(0, 0) == (0.0, 1.0)
+    for n in range(1, 40):  # the bounds at 0/n and n/n are exact (6/6 once gave 0.9999999999999999), and mirror
+        assert wilson(n, n)[1] == 1.0 and wilson(0, n)[0] == 0.0
+        assert wilson(0, n)[1] == pytest.approx(3.8416 / (n + 3.8416)) and wilson(n, n)[0] == pytest.approx(
+            1 - wilson(0, n)[1])
     assert rate(40, 97) == "41.2% [32.0, 51.2] (40/97)"
     assert markdown_table(["a", "b"], [[1, 0.5], ["x|y", 2]]).splitlines()[3] == "| x\\|y | 2 |"
+
+
+def test_bar_chart_error_bars_that_round_past_the_value(tmp_path):
+    # an interval bound a rounding error past its bar (the GenTool mini run's 6/6 crashed matplotlib)
+    out = bar_chart(tmp_path / "c.png", ["x", "y"], {"m": [1.0, 0.0]}, ylabel="rate", title="t",
+                    errors={"m": [(0.61, 0.9999999999999999), (2.8e-17, 0.39)]})
+    assert out.stat().st_size > 1000
 
 
 def test_recipe_cli_lists_and_refuses_unknown(capsys):

@@ -12,6 +12,9 @@ def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     """Wilson score interval of a binomial proportion k/n (95% by default); (0, 1) when n is 0."""
     if n == 0:
         return 0.0, 1.0
+    if k in (0, n):  # closed form at the edges (the general one gives 0.9999999999999999 for 6/6)
+        far = (z * z / n) / (1 + z * z / n)
+        return (0.0, far) if k == 0 else (1.0 - far, 1.0)
     p = k / n
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
@@ -51,7 +54,7 @@ def bar_chart(path, groups: Sequence[str], series: dict[str, Sequence[float]], *
         yerr = None
         if errors and name in errors:
             lo, hi = np.array(errors[name]).T
-            yerr = [np.asarray(values) - lo, hi - np.asarray(values)]
+            yerr = np.maximum([np.asarray(values) - lo, hi - np.asarray(values)], 0.0)  # no rounding below 0
         ax.bar(x + i * width - 0.4 + width / 2, values, width, label=name, yerr=yerr, capsize=3)
     ax.set_xticks(x, groups)
     ax.set(ylabel=ylabel, title=title)
