@@ -449,3 +449,22 @@ def test_training_sections_may_ask_for_remat_and_grad_accum(smol_tok, tmp_path):
     cfg = run_config(ConfigDict({**base, "remat_policy": "full", "grad_accum": 2}), init="smollm2-135m-instruct", data="x.jsonl",
                      log_dir=tmp_path, steps=3, preference=False)
     assert cfg.train.grad_accum == 2 and cfg.model.remat_policy == "full" and cfg.model.lora.rank == 4
+
+
+def test_ast_checker_agrees_with_bfcl_eval_on_its_golden_verdicts():
+    """tests/golden/bfcl_ast.jsonl: 368 perturbed calls on real BFCL v4 simple_python / multiple rows,
+    judged by bfcl-eval's own ast_checker (bench/bfcl_golden.py regenerates it from the wheel)."""
+    from pathlib import Path
+
+    rows = [json.loads(x) for x in (Path(__file__).parent / "golden" / "bfcl_ast.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in rows}
+    assert len(rows) >= 300 and {"correct", "missing_required", "unexpected_parameter", "number_as_string",
+                                 "string_case_punctuation", "string_different", "wrong_name"} <= kinds
+    assert {r["valid"] for r in rows} == {True, False}
+    differ = []
+    for r in rows:
+        (name, args), = r["call"].items()
+        ok, why = check_calls(r["functions"], [{"name": name, "arguments": args}], r["answer"])
+        if ok != r["valid"]:
+            differ.append((r["id"], r["kind"], r["valid"], why))
+    assert differ == []

@@ -1,5 +1,6 @@
 """BFCL's AST rules for one function call (or a parallel set), written out independently of the
-`bfcl-eval` package (which pins its own heavy dependencies) from its documented behaviour:
+`bfcl-eval` package (which pins its own heavy dependencies) from its documented behaviour, and held
+to its checker's verdicts on tests/golden/bfcl_ast.jsonl (bench/bfcl_golden.py):
 
     name        the call's function name equals the expected one (dots and underscores are the same
                 character: BFCL renames `a.b` to `a_b` for OpenAI-style models)
