@@ -94,8 +94,13 @@ def main(argv=None):
     p.add_argument("--max-spec-chars", type=int, default=1200)
     p.add_argument("--out", default=str(ROOT / "tests" / "golden" / "bfcl_ast.jsonl"))
     args = p.parse_args(argv)
-    check = load_checker(Path(args.bfcl))
+    if not (Path(args.bfcl) / "bfcl_eval" / "eval_checker" / "ast_eval" / "ast_checker.py").is_file():
+        p.error(f"--bfcl {args.bfcl}: no bfcl_eval/eval_checker/ast_eval/ast_checker.py there (unpack the wheel)")
     data = Path(args.data)
+    for name in ("BFCL_v4_simple_python.json", "BFCL_v4_multiple.json"):
+        if not (data / name).is_file() or not (data / "possible_answer" / name).is_file():
+            p.error(f"--data {data}: {name} and possible_answer/{name} are needed")
+    check = load_checker(Path(args.bfcl))
     cases = []
     for category, fname in (("simple", "BFCL_v4_simple_python.json"), ("multiple", "BFCL_v4_multiple.json")):
         answers = {r["id"]: r["ground_truth"] for r in read_jsonl(data / "possible_answer" / fname)}

@@ -82,6 +82,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from rich.console import Console
 
+    from jaxlm.errors import JaxlmError
     from jaxlm.eval.judges import ClientJudge
     from jaxlm.recipes.base import LocalServer
 
@@ -92,14 +93,21 @@ def main(argv=None):
         judge = ClientJudge(url, model, max_tokens=args.max_tokens, timeout=1800)
         return [check(judge, v) for v in ("text", "logprobs")]
 
-    if args.url:
-        if not args.model:
-            p.error("--url needs --model")
-        rows = run(args.url, args.model)
-    else:
-        with LocalServer(args.checkpoint, out.with_suffix(".serve.log"), Console(stderr=True), slots=8,
-                         max_len=2048) as url:
-            rows = run(url, args.checkpoint)
+    if args.url and not args.model:
+        p.error("--url needs --model")
+    try:
+        if args.url:
+            rows = run(args.url, args.model)
+        else:
+            with LocalServer(args.checkpoint, out.with_suffix(".serve.log"), Console(stderr=True), slots=8,
+                             max_len=2048) as url:
+                rows = run(url, args.checkpoint)
+    except JaxlmError as e:  # a missing checkpoint, a server that refuses or stays down
+        print(f"judge_check.py: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("judge_check.py: interrupted; nothing written", file=sys.stderr)
+        return 130
     name = args.model or args.checkpoint
     print(f"\njudge {name}: {len(PAIRS)} pairs with a clearly better response, each judged in both orders\n")
     print("| verdicts | better wins | tie | worse wins | unparsed | accuracy | picks first position | "
