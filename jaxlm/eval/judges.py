@@ -53,12 +53,11 @@ class ClientJudge:
     def choice_alternatives(self, conversations, progress=None):
         """The first reply token's top alternatives per conversation (what verdict='logprobs' reads)."""
         convs = [list(c) for c in conversations]
-        params = {"temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
         out: list = []
         step = max(1, self.client.concurrency * 4)
         for start in range(0, len(convs), step):
             out += [first_token_alternatives(r.response) for r in self.client.chat_many(convs[start:start + step],
-                                                                                         **params)]
+                                                                                         **LETTER_REQUEST)]
             if progress:
                 progress(len(out), len(convs))
         return out
@@ -132,6 +131,8 @@ _LETTER_ENDING = "Answer with one letter only: A if Response A is better, B if R
 _VERDICT_RE = re.compile(r"\[\[\s*(A|B|C|TIE)\s*\]\]", re.IGNORECASE)
 VERDICTS = ("text", "logprobs")
 TOP_LOGPROBS = 20  # OpenAI's cap: the alternatives asked for the verdict token
+# the request of a letter verdict: one greedy token and its top alternatives
+LETTER_REQUEST = {"temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
 
 
 def pairwise_messages(prompt: str, a: str, b: str, checklist=None, rubric: str | None = None,

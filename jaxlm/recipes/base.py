@@ -315,11 +315,10 @@ class _Completer:
     def choice_alternatives(self, conversations, progress=None) -> list:
         """The first reply token's top alternatives per conversation (judge_pairwise's verdict='logprobs');
         None for a failed request (counted in `.failures`) or a server that gives no log-probabilities."""
-        from jaxlm.eval.judges import TOP_LOGPROBS, first_token_alternatives
+        from jaxlm.eval.judges import LETTER_REQUEST, first_token_alternatives
 
-        params = {"temperature": 0.0, "max_tokens": 1, "logprobs": True, "top_logprobs": TOP_LOGPROBS}
         out = []
-        for r in self.run.ask(self.role, [(c, params) for c in conversations], f"asking {self.role} (log-probs)"):
+        for r in self.run.ask(self.role, [(c, LETTER_REQUEST) for c in conversations], f"asking {self.role} (log-probs)"):
             if isinstance(r, Exception):
                 self.failures.append(str(r))
                 out.append(None)
